@@ -1,0 +1,72 @@
+# phi3-operator. `make demo` and `make test` work on a fresh machine: they install what is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp is keyed on pyproject.toml, so a dependency change reinstalls.
+VENV_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv binaries lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
+
+help:
+	@echo "make demo        run the whole product on the local control plane"
+	@echo "make test        install everything and run the full suite (lint, unit, cluster, serving, chart)"
+	@echo "make bench       operator and runtime benchmarks -> bench/results/*.json"
+	@echo "make setup       create .venv and build the cached control-plane binaries"
+	@echo "make cluster-up / cluster-down   start or stop the local control plane"
+
+setup: venv binaries
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[operator,serving,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+binaries:
+	hack/localcluster build
+
+lint: venv
+	$(BIN)/ruff check operator tests bench hack/*.py
+	$(BIN)/ruff format --check operator tests bench hack/*.py
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(BIN)/pytest tests/cluster $(PYTEST_ARGS)
+
+test-serving: venv
+	$(BIN)/pytest tests/serving $(PYTEST_ARGS)
+
+test-chart: setup
+	$(BIN)/pytest tests/chart $(PYTEST_ARGS)
+
+cluster-up: binaries
+	@hack/localcluster up
+
+cluster-down:
+	@hack/localcluster down
+
+demo: setup
+	$(BIN)/python hack/demo.py
+
+demo-down:
+	$(BIN)/python hack/demo.py --down
+
+bench: setup
+	$(BIN)/python bench/operator.py
+	$(BIN)/python bench/serving.py
+
+clean: cluster-down
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

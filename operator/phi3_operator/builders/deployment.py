@@ -1,0 +1,154 @@
+"""The runtime Deployment: an init container fetches the model, MLServer serves it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phi3_operator.builders.common import (
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    MODEL_DIR,
+    BuildContext,
+    Manifest,
+    labels,
+    metadata,
+    selector_labels,
+)
+
+RUNTIME_UID = 1000
+DEFAULT_CPU_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "1", "memory": "2Gi"},
+    "limits": {"memory": "8Gi"},
+}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def runtime_resources(ctx: BuildContext) -> dict[str, Any]:
+    resources: dict[str, Any] = {
+        key: dict(value) for key, value in (ctx.spec.resources or DEFAULT_CPU_RESOURCES).items()
+    }
+    hw = ctx.spec.hardware
+    if hw.target == "cuda":
+        # Extended resources must be equal in requests and limits; limits alone implies both.
+        resources.setdefault("limits", {})[hw.gpu_resource_name] = str(hw.gpus)
+        resources.get("requests", {}).pop(hw.gpu_resource_name, None)
+    return resources
+
+
+def env_vars(ctx: BuildContext) -> list[dict[str, Any]]:
+    gen = ctx.spec.generation
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MLFLOW_TRACKING_URI", "value": ctx.tracking_uri},
+        {"name": "PHI3_MODEL_NAME", "value": ctx.owner.name},
+        {"name": "PHI3_ONNX_VARIANT", "value": ctx.onnx_variant},
+        {"name": "PHI3_MAX_TOKENS", "value": str(gen.max_tokens)},
+        {"name": "PHI3_TEMPERATURE", "value": str(gen.temperature)},
+        {"name": "PHI3_TOP_P", "value": str(gen.top_p)},
+    ]
+
+
+def credentials_env_from(ctx: BuildContext) -> list[dict[str, Any]]:
+    secret = ctx.spec.model.credentials_secret
+    return [{"secretRef": {"name": secret}}] if secret else []
+
+
+def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def build_deployment(ctx: BuildContext) -> Manifest:
+    spec = ctx.spec
+    volume_mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": "/models"}]
+    fetch = {
+        "name": "fetch-model",
+        "image": ctx.image,
+        "command": ["phi3-operator", "fetch", "--model-uri", ctx.model_uri, "--dest", MODEL_DIR],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MLFLOW_TRACKING_URI", "value": ctx.tracking_uri}],
+        "envFrom": credentials_env_from(ctx),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": volume_mounts,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    runtime = {
+        "name": "runtime",
+        "image": ctx.image,
+        "command": [
+            "phi3-operator", "serve",
+            "--model-uri", MODEL_DIR,
+            "--model-name", ctx.owner.name,
+            "--http-port", str(HTTP_PORT),
+            "--grpc-port", str(GRPC_PORT),
+            "--metrics-port", str(METRICS_PORT),
+        ],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": env_vars(ctx),
+        "envFrom": credentials_env_from(ctx),
+        "resources": runtime_resources(ctx),
+        "readinessProbe": http_probe("/v2/health/ready", period=5, failures=3),
+        "livenessProbe": http_probe("/v2/health/live", period=10, failures=3),
+        # Loading a model can take minutes; liveness must not kill a pod that is still loading.
+        "startupProbe": http_probe("/v2/health/live", period=5, failures=120),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": volume_mounts,
+    }
+    for container in (fetch, runtime):
+        if not container["envFrom"]:
+            del container["envFrom"]
+
+    pod_spec: dict[str, Any] = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "initContainers": [fetch],
+        "containers": [runtime],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "models", "emptyDir": {}}],
+    }
+    hw = spec.hardware
+    tolerations = [dict(t) for t in hw.tolerations]
+    if hw.target == "cuda" and GPU_TOLERATION not in tolerations:
+        tolerations.append(GPU_TOLERATION)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if hw.node_selector:
+        pod_spec["nodeSelector"] = dict(hw.node_selector)
+
+    deployment_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(ctx.owner)},
+        # A new version must be ready before an old pod goes: an outage never drops serving capacity.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "revisionHistoryLimit": 3,
+        "template": {
+            "metadata": {
+                "labels": labels(ctx.owner),
+                "annotations": {"phi3.ai/model-uri": ctx.model_uri},
+            },
+            "spec": pod_spec,
+        },
+    }
+    # With an HPA the replica count belongs to it; leaving the field out hands it over.
+    if spec.autoscaling is None:
+        deployment_spec["replicas"] = spec.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(ctx.owner), "spec": deployment_spec}

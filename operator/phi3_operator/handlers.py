@@ -1,0 +1,87 @@
+"""Thin kopf wiring: every reaction ends in Reconciler.reconcile()."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from phi3_operator.builders.common import MANAGED_BY, MODEL_LABEL
+from phi3_operator.reconcile import Outcome, Reconciler
+from phi3_operator.settings import OperatorSettings
+
+GROUP, VERSION, PLURAL = "phi3.ai", "v1alpha1", "phi3models"
+MAX_BACKOFF_S = 300.0
+
+logger = logging.getLogger(__name__)
+
+
+def plain(value: Any) -> Any:
+    """kopf hands out live views; reconcile wants plain, comparable data."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def backoff(retry: int, ceiling: float) -> float:
+    return float(min(ceiling, MAX_BACKOFF_S, 5.0 * 2 ** min(retry, 8)))
+
+
+def raise_for_retry(outcome: Outcome, retry: int) -> None:
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError(outcome.message, delay=backoff(retry, outcome.retry_after))
+
+
+def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSettings) -> None:
+    """Attach the handlers to `registry`; intervals come from the operator settings."""
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf would post an Event for every handler run, timers included; we record our own,
+        # only when something changed, so that a no-op resync writes nothing.
+        settings.posting.enabled = False
+        settings.execution.max_workers = operator_settings.max_workers
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="phi3.ai")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="phi3.ai", key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = "phi3.ai/finalizer"
+        settings.watching.server_timeout = 600
+        settings.watching.client_timeout = 660
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    def on_spec(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        reconciler: Reconciler = memo["reconciler"]
+        raise_for_retry(reconciler.reconcile(plain(body)), retry)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.resync_interval_s, registry=registry)
+    def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        reconciler: Reconciler = memo["reconciler"]
+        outcome = reconciler.reconcile(plain(body))
+        if outcome.retry_after is not None:
+            logger.info("%s/%s: resync: %s", body["metadata"]["namespace"], body["metadata"]["name"], outcome.message)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)
+    def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Children go with the owner references; only the in-memory lock needs forgetting.
+        reconciler: Reconciler = memo["reconciler"]
+        reconciler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+
+    @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
+                   registry=registry)
+    def on_deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        # Rollout progress and hand deletions show here first; the initial listing does not need it,
+        # since resume handlers cover every object at start-up.
+        if event.get("type") not in ("MODIFIED", "DELETED"):
+            return
+        meta = event["object"]["metadata"]
+        owner = (meta.get("labels") or {}).get(MODEL_LABEL)
+        if owner:
+            reconciler: Reconciler = memo["reconciler"]
+            reconciler.reconcile_by_name(meta["namespace"], owner)

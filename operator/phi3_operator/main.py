@@ -1,0 +1,50 @@
+"""Start the operator: settings, the API client, the resolver, then kopf."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import kopf
+
+from phi3_operator.handlers import register
+from phi3_operator.k8s import KubeApi, new_api_client
+from phi3_operator.reconcile import Reconciler
+from phi3_operator.resolve import Resolver, mlflow_lookup
+from phi3_operator.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    namespaces: tuple[str, ...] = ()
+    config_path: str | None = None
+    liveness_endpoint: str | None = None
+    peering_name: str | None = None
+    verbose: bool = False
+
+
+def run(options: RunOptions) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if options.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = OperatorSettings.load(options.config_path)
+    reconciler = Reconciler(
+        api=KubeApi(new_api_client(), settings.field_manager),
+        settings=settings,
+        resolver=Resolver(lookup=mlflow_lookup, refresh_interval_s=settings.model_refresh_interval_s),
+    )
+    registry = kopf.OperatorRegistry()
+    register(registry, settings)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(reconciler=reconciler),
+            clusterwide=not options.namespaces,
+            namespaces=list(options.namespaces),
+            standalone=options.peering_name is None,
+            peering_name=options.peering_name,
+            liveness_endpoint=options.liveness_endpoint,
+        )
+    )

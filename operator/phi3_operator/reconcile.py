@@ -1,0 +1,202 @@
+"""One level-based reconcile for a Phi3Model, shared by create, update, resume, timer and child events."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from phi3_operator.builders import BuildContext, Owner, build_children
+from phi3_operator.builders.common import API_VERSION, KIND
+from phi3_operator.images import NoCompatibleImage, onnx_variant, select_image
+from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
+from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
+from phi3_operator.settings import OperatorSettings
+from phi3_operator.spec import SpecError, parse_spec
+from phi3_operator.status import (
+    Condition,
+    ObservedState,
+    build_status,
+    deployment_available,
+    endpoint_urls,
+    now_rfc3339,
+    status_changed,
+)
+
+logger = logging.getLogger(__name__)
+
+OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the caller should do next: nothing, or try again after `retry_after` seconds."""
+
+    retry_after: float | None = None
+    message: str = ""
+
+
+@dataclass
+class Reconciler:
+    api: KubeApi
+    settings: OperatorSettings
+    resolver: Resolver
+    clock: Callable[[], str] = now_rfc3339
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def _lock_for(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+    def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
+        body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return Outcome()
+        return self.reconcile(body)
+
+    def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+        meta = body["metadata"]
+        with self._lock_for(meta["namespace"], meta["name"]):
+            return _Pass(self, body).run()
+
+
+class _Pass:
+    """One reconcile pass over one object; holds what the pass has learned so far."""
+
+    def __init__(self, reconciler: Reconciler, body: Mapping[str, Any]) -> None:
+        self.r = reconciler
+        meta = body["metadata"]
+        self.owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        self.key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
+        self.generation = int(meta.get("generation", 1))
+        self.raw_spec = body.get("spec") or {}
+        self.current_status: Mapping[str, Any] = body.get("status") or {}
+        self.now = reconciler.clock()
+
+    def event(self, event_type: str, reason: str, message: str) -> None:
+        logger.info("%s/%s: %s: %s", self.owner.namespace, self.owner.name, reason, message)
+        emit_event(self.r.api, self.key, self.owner.uid, event_type, reason, message, self.now)
+
+    def write_status(self, observed: ObservedState) -> None:
+        status = build_status(self.current_status, observed, self.now)
+        if status_changed(self.current_status, status):
+            self.r.api.patch_status(self.key, status)
+
+    def fail(self, conditions: list[Condition], retry_after: float | None, **extra: Any) -> Outcome:
+        self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))
+        failing = next(c for c in conditions if c.status != "True")
+        previously = {c.get("type"): c for c in self.current_status.get("conditions", [])}
+        before = previously.get(failing.type, {})
+        if before.get("reason") != failing.reason or before.get("status") != failing.status:
+            self.event("Warning", failing.reason, failing.message)
+        return Outcome(retry_after=retry_after, message=failing.message)
+
+    def run(self) -> Outcome:
+        try:
+            spec = parse_spec(self.raw_spec)
+        except SpecError as error:
+            return self.fail([Condition("ModelResolved", "False", "InvalidSpec", str(error))], retry_after=None)
+
+        tracking_uri = spec.model.tracking_uri or self.r.settings.default_tracking_uri
+        conditions: list[Condition] = []
+        try:
+            credentials = (
+                self.r.api.read_secret(self.owner.namespace, spec.model.credentials_secret)
+                if spec.model.credentials_secret
+                else {}
+            )
+            model = self.r.resolver.resolve(tracking_uri, spec.model.uri, credentials)
+            conditions.append(Condition("ModelResolved", "True", "Resolved", f"{spec.model.uri} is {model.uri}"))
+        except (ResolveError, KubeError) as error:
+            reason = error.reason if isinstance(error, ResolveError) else "CredentialsUnavailable"
+            retryable = error.retryable if isinstance(error, ResolveError) else True
+            previous = self.current_status.get("model") or {}
+            if not previous.get("resolvedUri") or previous.get("requestedUri") != spec.model.uri:
+                return self.fail(
+                    [Condition("ModelResolved", "False", reason, error.message)],
+                    retry_after=self.r.settings.model_refresh_interval_s if retryable else None,
+                )
+            # An outage never tears down what serves: keep the last resolved version.
+            model = ResolvedModel.from_status(previous)
+            conditions.append(
+                Condition("ModelResolved", "False", reason, f"{error.message}; still serving {model.uri}")
+            )
+
+        try:
+            decision = select_image(spec, model, self.r.settings)
+        except NoCompatibleImage as error:
+            return self.fail(
+                [*conditions, Condition("ImageReady", "False", "NoCompatibleImage", error.message)],
+                retry_after=None,
+                model=model.as_status(spec.model.uri),
+            )
+        if decision.source == "Build":
+            return self.fail(
+                [*conditions, Condition("ImageReady", "False", "BuildRequired",
+                                        f"no catalog image carries {', '.join(decision.missing) or 'the model'}; "
+                                        "in-cluster builds are not enabled, set image.override")],
+                retry_after=None,
+                model=model.as_status(spec.model.uri),
+            )
+        conditions.append(Condition("ImageReady", "True", decision.source, f"using {decision.image}"))
+
+        ctx = BuildContext(
+            owner=self.owner,
+            spec=spec,
+            image=decision.image,
+            model_uri=model.uri,
+            tracking_uri=tracking_uri,
+            onnx_variant=onnx_variant(spec.hardware.target, model.variants),
+        )
+        deployment = self.apply_children(ctx)
+        self.announce_version(model)
+
+        available, replicas, ready = deployment_available(deployment)
+        conditions.append(available)
+        self.write_status(
+            ObservedState(
+                generation=self.generation,
+                conditions=conditions,
+                model=model.as_status(spec.model.uri),
+                image=decision.image,
+                endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port),
+                replicas=replicas,
+                ready_replicas=ready,
+            )
+        )
+        resolved = conditions[0].status == "True"
+        return Outcome(retry_after=None if resolved else self.r.settings.model_refresh_interval_s)
+
+    def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
+        deployment: dict[str, Any] | None = None
+        desired = build_children(ctx)
+        for manifest in desired:
+            live, wrote = self.r.api.apply_if_changed(manifest)
+            if wrote:
+                self.event("Normal", "Applied", f"applied {manifest['kind']} {manifest['metadata']['name']}")
+            if manifest["kind"] == "Deployment":
+                deployment = live
+        wanted = {(m["apiVersion"], m["kind"]) for m in desired}
+        for api_version, kind in OPTIONAL_CHILDREN:
+            if (api_version, kind) in wanted:
+                continue
+            key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
+            existing = self.r.api.get(key)
+            if existing is not None and any(
+                ref.get("uid") == self.owner.uid for ref in existing["metadata"].get("ownerReferences", [])
+            ):
+                self.r.api.delete(key)
+                self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: the spec no longer asks for it")
+        return deployment
+
+    def announce_version(self, model: ResolvedModel) -> None:
+        previous = (self.current_status.get("model") or {}).get("resolvedUri")
+        if previous and previous != model.uri:
+            self.event("Normal", "ModelVersionChanged", f"rolling from {previous} to {model.uri}")

@@ -1,0 +1,96 @@
+"""Operator settings: the config file the Helm chart mounts, plus environment overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FIELD_MANAGER = "phi3-operator"
+DEFAULT_RUNTIME_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """A prebuilt runtime image and what it carries, so the operator can tell whether a model fits."""
+
+    flavor: str  # onnx-genai | transformers | pyfunc
+    target: str  # cpu | cuda
+    image: str
+    packages: Mapping[str, str] = field(default_factory=dict)  # normalised name -> version
+
+
+def default_catalog() -> tuple[CatalogImage, ...]:
+    registry = "ghcr.io/phi3-operator"
+    return tuple(
+        CatalogImage(flavor=flavor, target=target, image=f"{registry}/mlserver-{target}:{DEFAULT_RUNTIME_VERSION}")
+        for target in ("cpu", "cuda")
+        for flavor in ("onnx-genai", "transformers", "pyfunc")
+    )
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    default_tracking_uri: str = "http://mlflow.mlflow.svc:5000"
+    resync_interval_s: float = 60.0
+    model_refresh_interval_s: float = 60.0
+    builder_image: str = "gcr.io/kaniko-project/executor:v1.23.2-debug"
+    image_catalog: tuple[CatalogImage, ...] = field(default_factory=default_catalog)
+    field_manager: str = FIELD_MANAGER
+    max_workers: int = 16
+
+    @classmethod
+    def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        path = path or env.get("PHI3_OPERATOR_CONFIG")
+        raw: dict[str, Any] = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"operator config {path} must be a mapping")
+            raw = loaded
+        return cls.from_mapping(raw, env)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], env: Mapping[str, str]) -> OperatorSettings:
+        defaults = cls()
+        catalog = (
+            tuple(parse_catalog_entry(entry) for entry in raw["imageCatalog"])
+            if raw.get("imageCatalog")
+            else defaults.image_catalog
+        )
+        return cls(
+            default_tracking_uri=env.get(
+                "PHI3_DEFAULT_TRACKING_URI", raw.get("defaultTrackingUri", defaults.default_tracking_uri)
+            ),
+            resync_interval_s=float(
+                env.get("PHI3_RESYNC_INTERVAL", raw.get("resyncIntervalSeconds", defaults.resync_interval_s))
+            ),
+            model_refresh_interval_s=float(
+                env.get(
+                    "PHI3_MODEL_REFRESH_INTERVAL",
+                    raw.get("modelRefreshIntervalSeconds", defaults.model_refresh_interval_s),
+                )
+            ),
+            builder_image=raw.get("builderImage", defaults.builder_image),
+            image_catalog=catalog,
+            max_workers=int(raw.get("maxWorkers", defaults.max_workers)),
+        )
+
+
+def normalise_package(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def parse_catalog_entry(entry: Mapping[str, Any]) -> CatalogImage:
+    packages: dict[str, str] = {}
+    for line in entry.get("packages", []):
+        name, _, version = str(line).partition("==")
+        packages[normalise_package(name)] = version.strip()
+    return CatalogImage(
+        flavor=str(entry["flavor"]), target=str(entry["target"]), image=str(entry["image"]), packages=packages
+    )
