@@ -33,7 +33,6 @@ binaries:
 
 lint: venv
 	$(BIN)/ruff check operator tests bench hack/*.py
-	$(BIN)/ruff format --check operator tests bench hack/*.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -39,7 +39,7 @@ def raise_for_retry(outcome: Outcome, retry: int) -> None:
 def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSettings) -> None:
     """Attach the handlers to `registry`; intervals come from the operator settings."""
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure", registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # kopf would post an Event for every handler run, timers included; we record our own,
         # only when something changed, so that a no-op resync writes nothing.
@@ -53,28 +53,34 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
 
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", field="spec", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     def on_spec(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         raise_for_retry(reconciler.reconcile(plain(body)), retry)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.resync_interval_s, registry=registry)
+    @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=operator_settings.resync_interval_s,
+                registry=registry)
     def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         outcome = reconciler.reconcile(plain(body))
         if outcome.retry_after is not None:
             logger.info("%s/%s: resync: %s", body["metadata"]["namespace"], body["metadata"]["name"], outcome.message)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # Children go with the owner references; only the in-memory lock needs forgetting.
         reconciler: Reconciler = memo["reconciler"]
-        reconciler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+        meta = body["metadata"]
+        reconciler.forget(meta["namespace"], meta["name"], meta["uid"])
 
-    @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
-                   registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", id="child-event",
+                   labels={"app.kubernetes.io/managed-by": MANAGED_BY}, registry=registry)
     def on_deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         # Rollout progress and hand deletions show here first; the initial listing does not need it,
         # since resume handlers cover every object at start-up.

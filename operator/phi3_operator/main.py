@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 
 import kopf
@@ -25,10 +26,11 @@ class RunOptions:
 
 
 def run(options: RunOptions) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if options.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # kopf's own format prefixes each line with the object it is about: [namespace/name].
+    kopf.configure(verbose=options.verbose, log_prefix=True)
+    logging.getLogger("phi3_operator").setLevel(logging.DEBUG if options.verbose else logging.INFO)
+    # MLflow draws progress bars for every MLmodel it reads; they are noise in an operator log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = OperatorSettings.load(options.config_path)
     reconciler = Reconciler(
         api=KubeApi(new_api_client(), settings.field_manager),

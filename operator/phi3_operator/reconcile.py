@@ -46,14 +46,18 @@ class Reconciler:
     clock: Callable[[], str] = now_rfc3339
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    # The status this operator last wrote, per object uid. Reactions queued before that write
+    # carry an older body; reconciling from the stale status would repeat the write and its Event.
+    _written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def _lock_for(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._written_status.pop(uid, None)
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
@@ -77,7 +81,7 @@ class _Pass:
         self.key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
         self.generation = int(meta.get("generation", 1))
         self.raw_spec = body.get("spec") or {}
-        self.current_status: Mapping[str, Any] = body.get("status") or {}
+        self.current_status: Mapping[str, Any] = reconciler._written_status.get(meta["uid"]) or body.get("status") or {}
         self.now = reconciler.clock()
 
     def event(self, event_type: str, reason: str, message: str) -> None:
@@ -88,6 +92,7 @@ class _Pass:
         status = build_status(self.current_status, observed, self.now)
         if status_changed(self.current_status, status):
             self.r.api.patch_status(self.key, status)
+            self.r._written_status[self.owner.uid] = status
 
     def fail(self, conditions: list[Condition], retry_after: float | None, **extra: Any) -> Outcome:
         self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))

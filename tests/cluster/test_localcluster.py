@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.support.cluster import Cluster
 from tests.support.wait import wait_until
 

@@ -54,8 +54,10 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
-    def get(self, kind: str, name: str = "", namespace: str | None = None) -> Any:
+    def get(self, kind: str, name: str = "", namespace: str | None = None, managed_fields: bool = False) -> Any:
         args = ["get", kind, *([name] if name else []), "-o", "json"]
+        if managed_fields:
+            args.append("--show-managed-fields")
         if namespace:
             args += ["-n", namespace]
         return json.loads(self.kubectl(*args).stdout)

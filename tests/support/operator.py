@@ -1,0 +1,67 @@
+"""A real operator process (`phi3-operator run`) against the local control plane."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.cluster import REPO_ROOT, Cluster
+
+CRD_FILE = REPO_ROOT / "crds" / "phi3.ai_phi3models.yaml"
+
+
+def install_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/phi3models.phi3.ai", "--timeout=60s")
+
+
+@dataclass
+class OperatorProcess:
+    cluster: Cluster
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**self.cluster.env, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        executable = Path(sys.executable).with_name("phi3-operator")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(executable), "run", *self.args], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def operator_env(resync_s: float = 3.0, refresh_s: float = 3.0) -> dict[str, str]:
+    return {
+        "PHI3_RESYNC_INTERVAL": str(resync_s),
+        "PHI3_MODEL_REFRESH_INTERVAL": str(refresh_s),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PATH": os.environ["PATH"],
+    }
