@@ -31,7 +31,7 @@ def wait_until(
             last_value = predicate()
             if last_value:
                 return last_value
-        except Exception as error:  # noqa: BLE001 - any failure of the probe means "not yet"
+        except Exception as error:
             last_error = error
         if time.monotonic() >= deadline:
             detail = f"; last error: {last_error!r}" if last_error else f"; last value: {last_value!r}"
