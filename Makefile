@@ -64,7 +64,7 @@ demo-down:
 	$(BIN)/python hack/demo.py --down
 
 bench: setup
-	$(BIN)/python bench/operator.py
+	$(BIN)/python bench/operator_bench.py
 	$(BIN)/python bench/serving.py
 
 clean: cluster-down

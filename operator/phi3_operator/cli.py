@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=f"data plane: see `phi3-operator {name} --help`", add_help=False)
     options = parser.parse_args(args)
 
-    from phi3_operator.main import RunOptions, run as run_operator
+    from phi3_operator.main import RunOptions
+    from phi3_operator.main import run as run_operator
 
     run_operator(
         RunOptions(

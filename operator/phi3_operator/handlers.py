@@ -64,8 +64,9 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         reconciler: Reconciler = memo["reconciler"]
         raise_for_retry(reconciler.reconcile(plain(body)), retry)
 
+    # The first tick waits a full interval: create and resume have just reconciled.
     @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=operator_settings.resync_interval_s,
-                registry=registry)
+                initial_delay=operator_settings.resync_interval_s, registry=registry)
     def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         outcome = reconciler.reconcile(plain(body))
@@ -86,8 +87,9 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         # since resume handlers cover every object at start-up.
         if event.get("type") not in ("MODIFIED", "DELETED"):
             return
-        meta = event["object"]["metadata"]
+        deployment = event["object"]
+        meta = deployment["metadata"]
         owner = (meta.get("labels") or {}).get(MODEL_LABEL)
-        if owner:
-            reconciler: Reconciler = memo["reconciler"]
+        reconciler: Reconciler = memo["reconciler"]
+        if owner and (event["type"] == "DELETED" or reconciler.rollout_news(plain(deployment))):
             reconciler.reconcile_by_name(meta["namespace"], owner)

@@ -7,6 +7,7 @@ that changes nothing makes zero write calls (an SSA no-op is still a PATCH reque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -71,7 +72,7 @@ def is_subset(desired: Any, live: Any) -> bool:
     if isinstance(desired, list):
         if not isinstance(live, list):
             return not desired
-        return len(desired) == len(live) and all(is_subset(d, v) for d, v in zip(desired, live))
+        return len(desired) == len(live) and all(is_subset(d, v) for d, v in zip(desired, live, strict=True))
     if desired is None:
         return True
     if live is None:
@@ -119,10 +120,8 @@ class KubeApi:
         data = response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status < 300:
             detail = str(response.reason or "")
-            try:
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
                 detail = str(json.loads(data).get("message", detail))
-            except (TypeError, ValueError, AttributeError):
-                pass
             raise KubeError(response.status, str(response.reason), detail)
         return json.loads(data) if data else None
 
@@ -145,12 +144,12 @@ class KubeApi:
         )
         return result
 
-    def apply_if_changed(self, manifest: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Apply only when the live object differs; returns (live object, whether we wrote)."""
+    def apply_if_changed(self, manifest: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """Apply only when the live object differs: (live object, "unchanged" | "created" | "updated")."""
         live = self.get(ObjectKey.of(manifest))
         if live is not None and is_subset(manifest, live):
-            return live, False
-        return self.apply(manifest), True
+            return live, "unchanged"
+        return self.apply(manifest), "created" if live is None else "updated"
 
     def delete(self, key: ObjectKey) -> bool:
         try:
@@ -177,7 +176,7 @@ class KubeApi:
 
 
 def emit_event(
-    api: KubeApi, involved: ObjectKey, uid: str, event_type: str, reason: str, message: str, now: str
+    api: KubeApi, involved: ObjectKey, *, uid: str, event_type: str, reason: str, message: str, now: str
 ) -> None:
     """Record an Event on `involved`; a failure to record is logged, never raised."""
     import uuid

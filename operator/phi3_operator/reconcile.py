@@ -49,6 +49,8 @@ class Reconciler:
     # The status this operator last wrote, per object uid. Reactions queued before that write
     # carry an older body; reconciling from the stale status would repeat the write and its Event.
     _written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _optional_children: set[tuple[str, str]] = field(default_factory=set)
+    _pruned: set[str] = field(default_factory=set)
 
     def _lock_for(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -58,6 +60,19 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
             self._written_status.pop(uid, None)
+            self._pruned.discard(uid)
+            self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
+
+    def rollout_news(self, deployment: Mapping[str, Any]) -> bool:
+        """Would this Deployment state change the owner's status? Most Deployment updates would not."""
+        owners = [ref["uid"] for ref in deployment["metadata"].get("ownerReferences", []) if ref.get("kind") == KIND]
+        written = self._written_status.get(owners[0]) if owners else None
+        if written is None:
+            return True
+        available, replicas, ready = deployment_available(deployment)
+        previous: Mapping[str, Any] = next((c for c in written.get("conditions", []) if c["type"] == "Available"), {})
+        before = (previous.get("status"), previous.get("reason"), written.get("replicas"), written.get("readyReplicas"))
+        return before != (available.status, available.reason, replicas, ready)
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
@@ -86,7 +101,8 @@ class _Pass:
 
     def event(self, event_type: str, reason: str, message: str) -> None:
         logger.info("%s/%s: %s: %s", self.owner.namespace, self.owner.name, reason, message)
-        emit_event(self.r.api, self.key, self.owner.uid, event_type, reason, message, self.now)
+        emit_event(self.r.api, self.key, uid=self.owner.uid, event_type=event_type, reason=reason, message=message,
+                   now=self.now)
 
     def write_status(self, observed: ObservedState) -> None:
         status = build_status(self.current_status, observed, self.now)
@@ -181,16 +197,32 @@ class _Pass:
 
     def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
         deployment: dict[str, Any] | None = None
+        deployment_was_new = False
+        applied = []
         desired = build_children(ctx)
         for manifest in desired:
-            live, wrote = self.r.api.apply_if_changed(manifest)
-            if wrote:
-                self.event("Normal", "Applied", f"applied {manifest['kind']} {manifest['metadata']['name']}")
+            live, change = self.r.api.apply_if_changed(manifest)
+            if change != "unchanged":
+                applied.append(f"{change} {manifest['kind']} {manifest['metadata']['name']}")
             if manifest["kind"] == "Deployment":
-                deployment = live
-        wanted = {(m["apiVersion"], m["kind"]) for m in desired}
+                deployment, deployment_was_new = live, change == "created"
+        if applied:
+            self.event("Normal", "Applied", "; ".join(applied))
+        self.prune_optional_children({(m["apiVersion"], m["kind"]) for m in desired}, look=not deployment_was_new)
+        return deployment
+
+    def prune_optional_children(self, wanted: set[tuple[str, str]], look: bool) -> None:
+        """Delete an HPA or PDB that the spec no longer asks for.
+
+        Finding out costs a GET per kind, so it is done once per object and process, and again only
+        where this process applied one; a brand-new Deployment means there was nothing to prune.
+        """
         for api_version, kind in OPTIONAL_CHILDREN:
             if (api_version, kind) in wanted:
+                self.r._optional_children.add((self.owner.uid, kind))
+                continue
+            known = (self.owner.uid, kind) in self.r._optional_children
+            if not known and (not look or self.owner.uid in self.r._pruned):
                 continue
             key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
             existing = self.r.api.get(key)
@@ -199,7 +231,8 @@ class _Pass:
             ):
                 self.r.api.delete(key)
                 self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: the spec no longer asks for it")
-        return deployment
+            self.r._optional_children.discard((self.owner.uid, kind))
+        self.r._pruned.add(self.owner.uid)
 
     def announce_version(self, model: ResolvedModel) -> None:
         previous = (self.current_status.get("model") or {}).get("resolvedUri")

@@ -6,12 +6,15 @@ that moves is noticed within one refresh.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))(?P<path>/.*)?$")
 RUN_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)(?P<path>/.*)?$")
@@ -143,103 +146,167 @@ def describe_mlmodel(mlmodel: Mapping[str, Any], requirements_text: str) -> dict
     }
 
 
-class _CredentialEnv:
-    def __init__(self, credentials: Mapping[str, str]) -> None:
-        self.credentials = {k: v for k, v in credentials.items() if k in CREDENTIAL_ENV}
+class MlflowRest:
+    """The few MLflow REST calls resolution needs, over the stdlib.
+
+    Importing the mlflow package would cost the operator over 100 MB of memory for four GET requests;
+    it is imported lazily only to read artifacts from stores that need its plugins (s3, gs, ...).
+    """
+
+    def __init__(self, tracking_uri: str, credentials: Mapping[str, str], timeout_s: float = 10.0) -> None:
+        self.base = tracking_uri.rstrip("/")
+        self.credentials = credentials
+        self.timeout_s = timeout_s
+
+    def _headers(self) -> dict[str, str]:
+        import base64
+
+        if self.credentials.get("MLFLOW_TRACKING_TOKEN"):
+            return {"Authorization": f"Bearer {self.credentials['MLFLOW_TRACKING_TOKEN']}"}
+        user = self.credentials.get("MLFLOW_TRACKING_USERNAME")
+        password = self.credentials.get("MLFLOW_TRACKING_PASSWORD")
+        if user and password:
+            return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        return {}
+
+    def fetch(self, url: str) -> bytes:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(url, headers={"Accept": "application/json", **self._headers()})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body: bytes = response.read()
+                return body
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            code, message = "", raw.decode(errors="replace")[:300]
+            try:
+                document = json.loads(raw)
+                code, message = str(document.get("error_code", "")), str(document.get("message", message))
+            except ValueError:
+                pass
+            if error.code == 404 or code in NOT_FOUND_CODES:
+                raise ResolveError("ModelNotFound", message or f"{url} not found", retryable=False) from None
+            if error.code in (401, 403):
+                raise ResolveError("MLflowAccessDenied", f"MLflow at {self.base} refused the credentials "
+                                   f"(HTTP {error.code})", retryable=True) from None
+            raise ResolveError("MLflowUnavailable", f"MLflow at {self.base} answered HTTP {error.code}: {message}",
+                               retryable=True) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ResolveError("MLflowUnavailable", f"MLflow at {self.base} is unreachable: {reason}", True) from None
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        from urllib.parse import urlencode
+
+        document: dict[str, Any] = json.loads(self.fetch(f"{self.base}/api/2.0/mlflow/{path}?{urlencode(params)}"))
+        return document
+
+    def read_artifact(self, artifact_root: str, name: str) -> bytes:
+        from urllib.parse import urlparse
+
+        root = artifact_root.rstrip("/")
+        parsed = urlparse(root)
+        if parsed.scheme == "mlflow-artifacts":
+            base = f"http://{parsed.netloc}" if parsed.netloc else self.base
+            return self.fetch(f"{base}/api/2.0/mlflow-artifacts/artifacts{parsed.path}/{name}")
+        if parsed.scheme in ("http", "https"):
+            return self.fetch(f"{root}/{name}")
+        if parsed.scheme in ("", "file"):
+            from pathlib import Path
+            from urllib.request import url2pathname
+
+            path = Path(url2pathname(parsed.path)) / name
+            try:
+                return path.read_bytes()
+            except OSError as error:
+                raise ResolveError("InvalidModel", f"cannot read {path}: {error.strerror}", retryable=False) from None
+        return self._read_with_mlflow(root, name)
+
+    def _read_with_mlflow(self, root: str, name: str) -> bytes:
+        import os
+        import tempfile
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        import mlflow.artifacts
+
+        with _mlflow_env_lock, _scoped_env(self.credentials), tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{name}", dst_path=tmp,
+                                                            tracking_uri=self.base)
+            except Exception as error:  # every artifact store raises its own kind
+                raise ResolveError("MLflowUnavailable", f"cannot read {root}/{name}: {error}", True) from None
+            with open(local, "rb") as handle:
+                return handle.read()
+
+
+class _scoped_env:  # noqa: N801 - used like a function
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = {k: v for k, v in values.items() if k in CREDENTIAL_ENV}
         self.saved: dict[str, str | None] = {}
 
     def __enter__(self) -> None:
         import os
 
-        _mlflow_env_lock.acquire()
         for name in CREDENTIAL_ENV:
             self.saved[name] = os.environ.pop(name, None)
-        os.environ.update(self.credentials)
+        os.environ.update(self.values)
 
     def __exit__(self, *exc: object) -> None:
         import os
 
-        for name in CREDENTIAL_ENV:
+        for name, value in self.saved.items():
             os.environ.pop(name, None)
-            if self.saved.get(name) is not None:
-                os.environ[name] = str(self.saved[name])
-        _mlflow_env_lock.release()
+            if value is not None:
+                os.environ[name] = value
 
 
 def mlflow_lookup(tracking_uri: str, model_uri: str, credentials: Mapping[str, str]) -> ResolvedModel:
-    import os
-
-    # The MLflow client otherwise retries a dead server for minutes inside one reconcile.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow.exceptions import MlflowException
-
-    try:
-        with _CredentialEnv(credentials):
-            return _lookup(tracking_uri, model_uri)
-    except MlflowException as error:
-        code = str(getattr(error, "error_code", ""))
-        message = str(getattr(error, "message", error)).splitlines()[0][:400]
-        if code in NOT_FOUND_CODES or "not found" in message.lower() or "does not exist" in message.lower():
-            raise ResolveError("ModelNotFound", f"{model_uri}: {message}", retryable=False) from None
-        raise ResolveError("MLflowUnavailable", f"MLflow at {tracking_uri} failed: {message}", True) from None
-    except (OSError, ConnectionError) as error:
-        raise ResolveError("MLflowUnavailable", f"MLflow at {tracking_uri} is unreachable: {error}", True) from None
-
-
-def _lookup(tracking_uri: str, model_uri: str) -> ResolvedModel:
-    import tempfile
-
-    import mlflow.artifacts
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    rest = MlflowRest(tracking_uri, credentials)
     name = version = run_id = ""
     registry = REGISTRY_URI.match(model_uri)
     run = RUN_URI.match(model_uri)
     if registry:
         name = registry["name"]
         if registry["alias"]:
-            model_version = client.get_model_version_by_alias(name, registry["alias"])
+            model_version = rest.api("registered-models/alias", name=name, alias=registry["alias"])["model_version"]
         elif registry["version"] == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
+            found = rest.api("model-versions/search", filter=f"name='{name}'", max_results="1000")
+            versions = found.get("model_versions") or []
             if not versions:
-                raise ResolveError("ModelNotFound", f"registered model {name!r} has no versions", False)
-            model_version = max(versions, key=lambda v: int(v.version))
+                raise ResolveError("ModelNotFound", f"registered model {name!r} has no versions", retryable=False)
+            model_version = max(versions, key=lambda v: int(v["version"]))
         else:
-            model_version = client.get_model_version(name, registry["version"])
-        version, run_id = str(model_version.version), str(model_version.run_id or "")
+            model_version = rest.api("model-versions/get", name=name, version=registry["version"])["model_version"]
+        version, run_id = str(model_version["version"]), str(model_version.get("run_id") or "")
         resolved_uri = f"models:/{name}/{version}"
-        artifact_root = client.get_model_version_download_uri(name, version)
+        artifact_root = rest.api("model-versions/get-download-uri", name=name, version=version)["artifact_uri"]
+        if registry["path"]:
+            artifact_root += registry["path"]
     elif run:
         run_id = run["run_id"]
-        client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for an unknown run
-        resolved_uri = artifact_root = model_uri
+        info = rest.api("runs/get", run_id=run_id)["run"]["info"]
+        resolved_uri = model_uri
+        artifact_root = str(info["artifact_uri"]).rstrip("/") + (run["path"] or "")
     elif ARTIFACT_URI.match(model_uri):
         resolved_uri = artifact_root = model_uri
     else:
         raise ResolveError("InvalidModel", f"unsupported model URI {model_uri!r}", retryable=False)
 
-    with tempfile.TemporaryDirectory(prefix="phi3-mlmodel-") as tmp:
-        try:
-            mlmodel_path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{artifact_root.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri
-            )
-        except Exception as error:  # noqa: BLE001 - every store raises its own kind
-            if "MlflowException" in type(error).__name__ or isinstance(error, OSError):
-                raise ResolveError("InvalidModel", f"{resolved_uri} has no readable MLmodel: {error}", False) from None
+    try:
+        mlmodel = yaml.safe_load(rest.read_artifact(artifact_root, "MLmodel")) or {}
+    except ResolveError as error:
+        if error.reason == "ModelNotFound":
+            raise ResolveError("InvalidModel", f"{resolved_uri} has no MLmodel file: is it an MLflow model?",
+                               retryable=False) from None
+        raise
+    try:
+        requirements_text = rest.read_artifact(artifact_root, "requirements.txt").decode()
+    except ResolveError as error:
+        if error.retryable:
             raise
-        with open(mlmodel_path) as handle:
-            mlmodel = yaml.safe_load(handle) or {}
-        try:
-            requirements_path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{artifact_root.rstrip('/')}/requirements.txt", dst_path=tmp, tracking_uri=tracking_uri
-            )
-            with open(requirements_path) as handle:
-                requirements_text = handle.read()
-        except Exception:  # noqa: BLE001 - a model without requirements.txt is valid
-            requirements_text = ""
+        requirements_text = ""  # a model without requirements.txt is valid
     described = describe_mlmodel(mlmodel, requirements_text)
     run_id = run_id or str(mlmodel.get("run_id") or "")
     return ResolvedModel(uri=resolved_uri, name=name, version=version, run_id=run_id, **described)

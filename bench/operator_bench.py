@@ -1,0 +1,212 @@
+"""Operator benchmarks on the local control plane (DESIGN section 8). Writes bench/results/operator.json.
+
+1. CR-to-applied latency (CR created -> Deployment and Service applied and status written), p50/p99,
+   against `kubectl apply --server-side` of the same children on the same control plane, side by side.
+2. Time to reconcile N CRs (default 1,000) created at once.
+3. Operator RSS at N CRs.
+4. API writes by the operator during a no-op resync (from the API server's audit log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "operator"))
+
+from tests.support.cluster import Cluster, localcluster  # noqa: E402
+from tests.support.operator import OperatorProcess, install_crd, operator_env  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
+
+from phi3_operator.builders import BuildContext, Owner, build_children  # noqa: E402
+from phi3_operator.spec import parse_spec  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "operator.json"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def save_model(tmp: Path) -> str:
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            return model_input
+
+    path = tmp / "echo"
+    if not (path / "MLmodel").exists():
+        mlflow.pyfunc.save_model(path=str(path), python_model=Echo(), pip_requirements=["mlflow"])
+    return path.as_uri()
+
+
+def cr(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "phi3.ai/v1alpha1",
+        "kind": "Phi3Model",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": uri}, "hardware": {"target": "cpu"}},
+    }
+
+
+def kubectl_baseline(cluster: Cluster, namespace: str, uri: str, samples: int) -> list[float]:
+    """`kubectl apply --server-side` of exactly the children the operator builds, one CR's worth at a time."""
+    timings = []
+    for i in range(samples):
+        ctx = BuildContext(
+            owner=Owner(name=f"base-{i}", namespace=namespace, uid="00000000-0000-0000-0000-000000000000"),
+            spec=parse_spec(cr(f"base-{i}", uri)["spec"]),
+            image="ghcr.io/phi3-operator/mlserver-cpu:0.1.0",
+            model_uri=uri,
+            tracking_uri="http://mlflow.mlflow.svc:5000",
+            onnx_variant="cpu-int4",
+        )
+        children = build_children(ctx)
+        for child in children:
+            child["metadata"].pop("ownerReferences")  # no owner object exists for the baseline
+        payload = json.dumps({"apiVersion": "v1", "kind": "List", "items": children})
+        started = time.perf_counter()
+        cluster.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-", stdin=payload)
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+def reconciled(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    return status.get("observedGeneration") == obj["metadata"]["generation"] and "endpoint" in status
+
+
+def operator_latency(cluster: Cluster, namespace: str, uri: str, samples: int) -> list[float]:
+    from kubernetes import client, config, watch
+
+    config.load_kube_config(config_file=str(cluster.kubeconfig))
+    custom = client.CustomObjectsApi()
+    apps = client.AppsV1Api()
+    core = client.CoreV1Api()
+    timings = []
+    for i in range(samples):
+        name = f"lat-{i}"
+        started = time.perf_counter()
+        custom.create_namespaced_custom_object("phi3.ai", "v1alpha1", namespace, "phi3models", cr(name, uri))
+        stream = watch.Watch()
+        for event in stream.stream(custom.list_namespaced_custom_object, "phi3.ai", "v1alpha1", namespace,
+                                   "phi3models", field_selector=f"metadata.name={name}", timeout_seconds=60):
+            if reconciled(event["object"]):
+                stream.stop()
+        elapsed = time.perf_counter() - started
+        apps.read_namespaced_deployment(name, namespace)
+        core.read_namespaced_service(name, namespace)
+        timings.append(elapsed)
+    return timings
+
+
+def audit_writes(audit_log: Path, since: int) -> int:
+    count = 0
+    with open(audit_log) as log:
+        for number, line in enumerate(log):
+            if number >= since:
+                agent = json.loads(line).get("userAgent", "")
+                count += "kopf" in agent or "OpenAPI" in agent
+    return count
+
+
+def line_count(path: Path) -> int:
+    with open(path) as handle:
+        return sum(1 for _ in handle)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--crs", type=int, default=1000)
+    parser.add_argument("--resync", type=float, default=30.0)
+    args = parser.parse_args()
+
+    started_cluster = localcluster("status", check=False).returncode != 0
+    if started_cluster:
+        localcluster("up")
+    cluster = Cluster(kubeconfig=Path(localcluster("kubeconfig").stdout.strip()))
+    install_crd(cluster)
+    work = Path("/tmp/phi3-bench")
+    work.mkdir(exist_ok=True)
+    uri = save_model(work)
+    audit_log = cluster.kubeconfig.parent / "audit.log"
+    namespaces = [cluster.create_namespace(p) for p in ("bench-baseline", "bench-latency", "bench-scale")]
+    operator = OperatorProcess(cluster, work / "operator.log", operator_env(resync_s=args.resync, refresh_s=60))
+    result: dict[str, Any] = {"machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}}
+    try:
+        baseline = kubectl_baseline(cluster, namespaces[0], uri, args.samples)
+        operator.start()
+        wait_until(lambda: "Initial authentication has finished" in operator.log(), timeout=60, message="operator start")
+        latency = operator_latency(cluster, namespaces[1], uri, args.samples)
+        result["latency"] = {
+            "samples": args.samples,
+            "operator_p50_s": round(statistics.median(latency), 4),
+            "operator_p99_s": round(percentile(latency, 0.99), 4),
+            "kubectl_apply_server_side_p50_s": round(statistics.median(baseline), 4),
+            "kubectl_apply_server_side_p99_s": round(percentile(baseline, 0.99), 4),
+            "p50_ratio_operator_over_kubectl": round(statistics.median(latency) / statistics.median(baseline), 2),
+            "target_p50_ratio_max": 3.0,
+        }
+        print(json.dumps(result["latency"], indent=2), flush=True)
+
+        scale_ns = namespaces[2]
+        manifests = [cr(f"scale-{i:04d}", uri) for i in range(args.crs)]
+        started = time.perf_counter()
+        for chunk in range(0, len(manifests), 250):
+            cluster.kubectl("create", "-n", scale_ns, "-f", "-", timeout=600,
+                            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests[chunk:chunk + 250]}))
+
+        def all_reconciled() -> bool:
+            items = cluster.get("phi3", namespace=scale_ns)["items"]
+            return sum(reconciled(o) for o in items) == args.crs
+
+        wait_until(all_reconciled, timeout=900, interval=1.0, message=f"{args.crs} CRs reconciled")
+        scale_s = time.perf_counter() - started
+        process = psutil.Process(operator.process.pid if operator.process else 0)
+        rss_mb = process.memory_info().rss / 2**20
+        result["scale"] = {"crs": args.crs, "reconcile_all_s": round(scale_s, 1), "target_s": 60,
+                           "operator_rss_mb": round(rss_mb, 1), "target_rss_mb": 150}
+        print(json.dumps(result["scale"], indent=2), flush=True)
+
+        # Let rollouts settle, then watch two full resync intervals for writes.
+        wait_until(lambda: audit_writes(audit_log, mark := line_count(audit_log)) == 0 and _sleep_then_quiet(
+            audit_log, mark, args.resync / 3), timeout=600, interval=0.1, message="operator writes to settle")
+        mark = line_count(audit_log)
+        resyncs_before = operator.log().count("Timer 'resync' succeeded")
+        time.sleep(2 * args.resync + 2)
+        resyncs = operator.log().count("Timer 'resync' succeeded") - resyncs_before
+        result["noop_resync"] = {"resync_interval_s": args.resync, "resyncs_observed": resyncs,
+                                 "operator_writes": audit_writes(audit_log, mark), "target_writes": 0}
+        result["scale"]["operator_rss_mb_after_resync"] = round(process.memory_info().rss / 2**20, 1)
+        print(json.dumps(result["noop_resync"], indent=2), flush=True)
+    finally:
+        operator.stop()
+        for namespace in namespaces:
+            cluster.delete_namespace(namespace)
+        if started_cluster:
+            localcluster("down")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+def _sleep_then_quiet(audit_log: Path, mark: int, seconds: float) -> bool:
+    time.sleep(seconds)
+    return audit_writes(audit_log, mark) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
