@@ -1,0 +1,1 @@
+"""phi3-operator data plane: MLflow pyfunc wrappers and the MLServer runtime."""

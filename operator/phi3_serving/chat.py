@@ -1,0 +1,385 @@
+"""The chat request and response shapes shared by every model flavor and every endpoint.
+
+Pure code: parsing and validating an OpenAI / MLflow `llm/v1/chat` style request into frozen
+dataclasses, building `chat.completion` and `chat.completion.chunk` dicts, and filtering stop
+sequences out of a token stream. The wrappers and the MLServer runtime both build on it, so a
+request means the same thing whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Roles the chat templates of the models we serve understand. "developer" is OpenAI's newer
+# name for "system"; "tool" carries tool results.
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# OpenAI allows at most four stop sequences; more only slows the stream filter down.
+MAX_STOP_SEQUENCES = 4
+
+# Environment variables the operator sets from `spec.generation`.
+ENV_MAX_TOKENS = "PHI3_MAX_TOKENS"
+ENV_TEMPERATURE = "PHI3_TEMPERATURE"
+ENV_TOP_P = "PHI3_TOP_P"
+ENV_TOP_K = "PHI3_TOP_K"
+
+
+class InvalidRequestError(ValueError):
+    """A request the model cannot serve as sent. The HTTP layer answers it with a 4xx.
+
+    It subclasses ValueError so that plain `mlflow.pyfunc` callers get a familiar type.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Request defaults, normally from `spec.generation` through the environment."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GenerationDefaults:
+        """Read the PHI3_* variables; an unset or empty variable keeps the built-in default."""
+        base = cls()
+        try:
+            max_tokens = int(env[ENV_MAX_TOKENS]) if env.get(ENV_MAX_TOKENS) else base.max_tokens
+            temperature = float(env[ENV_TEMPERATURE]) if env.get(ENV_TEMPERATURE) else base.temperature
+            top_p = float(env[ENV_TOP_P]) if env.get(ENV_TOP_P) else base.top_p
+            top_k = int(env[ENV_TOP_K]) if env.get(ENV_TOP_K) else base.top_k
+        except ValueError as error:
+            raise ValueError(f"invalid generation default in the environment: {error}") from error
+        defaults = cls(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        # The same bounds as a request, so a bad default fails at startup, not on every request.
+        _check_options(defaults.max_tokens, defaults.temperature, defaults.top_p, defaults.top_k)
+        return defaults
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One validated request: either chat `messages` or a raw `prompt`, never both."""
+
+    messages: tuple[ChatMessage, ...] | None
+    prompt: str | None
+    options: GenerationOptions
+    stream: bool = False
+    model: str | None = None
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        return [message.as_dict() for message in self.messages or ()]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a model produced for one request, before it is shaped into an API response."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_chat_request(payload: Any, defaults: GenerationDefaults) -> ChatRequest:
+    """Validate one request body (already decoded from JSON) against the chat API."""
+    if not isinstance(payload, Mapping):
+        raise InvalidRequestError(
+            f"the request must be a JSON object with 'messages' or 'prompt', got {type(payload).__name__}"
+        )
+    has_messages = payload.get("messages") is not None
+    has_prompt = payload.get("prompt") is not None
+    if has_messages and has_prompt:
+        raise InvalidRequestError("send either 'messages' or 'prompt', not both", param="messages")
+    if not has_messages and not has_prompt:
+        raise InvalidRequestError("the request needs 'messages' (a chat) or 'prompt' (a text)", param="messages")
+    messages = _parse_messages(payload["messages"]) if has_messages else None
+    prompt = _parse_prompt(payload["prompt"]) if has_prompt else None
+
+    n = payload.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequestError("only n=1 is supported", param="n")
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("'stream' must be true or false", param="stream")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError("'model' must be a string", param="model")
+    return ChatRequest(
+        messages=messages,
+        prompt=prompt,
+        options=parse_generation_options(payload, defaults),
+        stream=stream,
+        model=model,
+    )
+
+
+def parse_generation_options(payload: Mapping[str, Any], defaults: GenerationDefaults) -> GenerationOptions:
+    """Read max_tokens, temperature, top_p, top_k and stop; absent or null ones take the defaults."""
+    max_tokens = _optional_int(payload, "max_tokens")
+    if max_tokens is None:
+        # OpenAI's newer name for the same limit.
+        max_tokens = _optional_int(payload, "max_completion_tokens")
+    temperature = _optional_float(payload, "temperature")
+    top_p = _optional_float(payload, "top_p")
+    top_k = _optional_int(payload, "top_k")
+    options = GenerationOptions(
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k if top_k is None else top_k,
+        stop=_parse_stop(payload.get("stop")),
+    )
+    _check_options(options.max_tokens, options.temperature, options.top_p, options.top_k)
+    return options
+
+
+def _check_options(max_tokens: int, temperature: float, top_p: float, top_k: int | None) -> None:
+    if max_tokens < 1:
+        raise InvalidRequestError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequestError(f"'temperature' must be between 0 and 2, got {temperature}", param="temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequestError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    if top_k is not None and top_k < 0:
+        raise InvalidRequestError(f"'top_k' must be 0 or more, got {top_k}", param="top_k")
+
+
+def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list):
+        raise InvalidRequestError("'messages' must be a list of {role, content} objects", param="messages")
+    if not raw:
+        raise InvalidRequestError("'messages' must not be empty", param="messages")
+    messages: list[ChatMessage] = []
+    for index, item in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"{where} must be an object with 'role' and 'content'", param=where)
+        role = item.get("role")
+        if not isinstance(role, str) or role not in KNOWN_ROLES:
+            known = ", ".join(sorted(KNOWN_ROLES))
+            raise InvalidRequestError(f"{where} has unknown role {role!r}; known roles: {known}", param=where)
+        messages.append(ChatMessage(role=role, content=_message_text(item.get("content"), where)))
+    return tuple(messages)
+
+
+def _message_text(content: Any, where: str) -> str:
+    """Plain text content, or OpenAI's list of content parts when every part is text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                raise InvalidRequestError(f"{where}.content may only hold text parts", param=where)
+        return "".join(texts)
+    raise InvalidRequestError(f"{where}.content must be a string", param=where)
+
+
+def _parse_prompt(raw: Any) -> str:
+    if isinstance(raw, list) and len(raw) == 1:
+        # MLflow's completions schema allows a one-element list.
+        raw = raw[0]
+    if not isinstance(raw, str):
+        raise InvalidRequestError("'prompt' must be a string", param="prompt")
+    if not raw:
+        raise InvalidRequestError("'prompt' must not be empty", param="prompt")
+    return raw
+
+
+def _parse_stop(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
+        raise InvalidRequestError("'stop' must be a non-empty string or a list of them", param="stop")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    return tuple(dict.fromkeys(stops))
+
+
+def _optional_int(payload: Mapping[str, Any], key: str) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python, but `"max_tokens": true` is a client bug worth naming.
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise InvalidRequestError(f"'{key}' must be an integer, got {value!r}", param=key)
+    return int(value)
+
+
+def _optional_float(payload: Mapping[str, Any], key: str) -> float | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequestError(f"'{key}' must be a number, got {value!r}", param=key)
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Response shapes (OpenAI's, which MLflow's llm/v1/chat also uses)
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(
+    completion: Completion, *, model: str, completion_id: str | None = None, created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": completion_id or new_completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason,
+            }
+        ],
+        "usage": usage_dict(completion.prompt_tokens, completion.completion_tokens),
+    }
+
+
+def chat_completion_chunk(
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str | None = None,
+    role: str | None = None,
+    finish_reason: str | None = None,
+    usage: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    delta: dict[str, str] = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    chunk: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = dict(usage)
+    return chunk
+
+
+def error_body(
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error envelope, which its SDK turns into a readable exception."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop sequences
+
+
+class StopSequenceFilter:
+    """Cuts a text stream at the first stop sequence, across token boundaries.
+
+    Text that could still turn out to be the start of a stop sequence is held back until the
+    next piece decides it, so a client never sees part of a stop sequence.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Take the next piece of text; return what can be shown now."""
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return piece
+        text = self._held + piece
+        cut = _first_stop_index(text, self._stops)
+        if cut is not None:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = _longest_stop_prefix_suffix(text, self._stops)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """The text held back when the stream ends without a stop sequence."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+def _first_stop_index(text: str, stops: Iterable[str]) -> int | None:
+    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return min(found) if found else None
+
+
+def _longest_stop_prefix_suffix(text: str, stops: Iterable[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of some stop sequence."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest

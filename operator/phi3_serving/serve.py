@@ -1,0 +1,111 @@
+"""`phi3-operator serve`: MLServer with the Phi3Runtime, exactly as the container runs it.
+
+The settings go into a fresh temp dir (the container's root file system is read-only; /tmp
+is an emptyDir) and MLServer is started in this process, the way `mlserver start DIR` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+RUNTIME_IMPLEMENTATION = "phi3_serving.runtime.Phi3Runtime"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_uri: str
+    model_name: str
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    metrics_port: int = 8082
+
+
+def default_model_name(model_uri: str) -> str:
+    """`models:/phi3-mini/7` → phi3-mini; a local folder → its name."""
+    parsed = urlparse(model_uri)
+    if parsed.scheme == "models":
+        name = (parsed.netloc + parsed.path).strip("/").split("/")[0].split("@")[0]
+        return name or "model"
+    tail = Path(parsed.path.rstrip("/")).name
+    return tail or "model"
+
+
+def resolve_local_uri(model_uri: str) -> str:
+    """Relative local folders become absolute: MLServer would read them relative to its settings dir."""
+    parsed = urlparse(model_uri)
+    if parsed.scheme in ("", "file") and not parsed.netloc:
+        return str(Path(parsed.path).expanduser().resolve())
+    return model_uri
+
+
+def server_settings(options: ServeOptions, workdir: Path) -> dict[str, Any]:
+    return {
+        "debug": False,
+        "host": options.host,
+        "http_port": options.http_port,
+        "grpc_port": options.grpc_port,
+        "metrics_port": options.metrics_port,
+        # Streaming needs the model in the server process (0 workers) and no gzip middleware.
+        "parallel_workers": 0,
+        "gzip_enabled": False,
+        # MLServer defaults both to the working directory, which is read-only in the container.
+        "metrics_dir": str(workdir / "metrics"),
+        "environments_dir": str(workdir / "envs"),
+        "load_models_at_startup": True,
+        "server_name": "phi3-operator",
+    }
+
+
+def model_settings(options: ServeOptions) -> dict[str, Any]:
+    return {
+        "name": options.model_name,
+        "implementation": RUNTIME_IMPLEMENTATION,
+        "parameters": {"uri": resolve_local_uri(options.model_uri)},
+    }
+
+
+def write_settings(options: ServeOptions, workdir: Path) -> None:
+    (workdir / "metrics").mkdir(parents=True, exist_ok=True)
+    (workdir / "envs").mkdir(parents=True, exist_ok=True)
+    (workdir / "settings.json").write_text(json.dumps(server_settings(options, workdir), indent=2))
+    # MLServer expects a model's folder to carry the model's name.
+    model_folder = workdir / "models" / options.model_name
+    model_folder.mkdir(parents=True, exist_ok=True)
+    (model_folder / "model-settings.json").write_text(json.dumps(model_settings(options), indent=2))
+
+
+def serve(options: ServeOptions) -> int:
+    """Run MLServer until SIGTERM/SIGINT; returns the exit code."""
+    # Serving never reaches a model hub nor phones home.
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("DO_NOT_TRACK", "true"),
+    ):
+        os.environ.setdefault(key, value)
+    workdir = Path(tempfile.mkdtemp(prefix="phi3-serve-"))
+    write_settings(options, workdir)
+    print(f"phi3-operator serve: settings in {workdir}", flush=True)
+
+    from mlserver import MLServer
+    from mlserver.cli.serve import load_settings
+    from mlserver.logging import configure_logger
+    from mlserver.utils import install_uvloop_event_loop
+
+    async def run() -> None:
+        settings, models_settings = await load_settings(str(workdir))
+        await MLServer(settings).start(models_settings)
+
+    configure_logger()
+    install_uvloop_event_loop()
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,82 @@
+"""Session fixtures for the serving tier: one tiny model, one real MLflow server, and each flavor
+packaged, fetched and served once through the real CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support.mlflow_server import MlflowServer
+from tests.support.serving import ServedProcess, package, run_cli
+from tests.support.tiny_model import TinyModel, build_tiny_model
+
+FLAVORS = ("onnx", "transformers")
+REGISTERED_NAMES = {"onnx": "tiny-onnx", "transformers": "tiny-hf"}
+ALIAS = "champion"
+# What the operator sets from spec.generation; the tests check the runtime honours them.
+DEFAULT_MAX_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Served:
+    flavor: str
+    process: ServedProcess
+    model_uri: str  # the registry URI it was fetched from
+
+    @property
+    def name(self) -> str:
+        return self.process.model_name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def packaged(tiny_model: TinyModel, mlflow_server: MlflowServer) -> dict[str, str]:
+    """flavor -> the `models:/N/V` URI that `phi3-operator package` printed."""
+    sources = {"onnx": tiny_model.onnx_dir, "transformers": tiny_model.hf_dir}
+    return {
+        flavor: package(
+            flavor, sources[flavor], name=REGISTERED_NAMES[flavor], tracking_uri=mlflow_server.tracking_uri, alias=ALIAS
+        )
+        for flavor in FLAVORS
+    }
+
+
+@pytest.fixture(scope="session", params=FLAVORS)
+def served(
+    request: pytest.FixtureRequest,
+    packaged: dict[str, str],
+    mlflow_server: MlflowServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Served]:
+    """The model as the Deployment runs it: `fetch` by alias into a folder, then `serve` that folder."""
+    flavor: str = request.param
+    workdir = tmp_path_factory.mktemp(f"served-{flavor}")
+    dest = workdir / "models" / "model"
+    alias_uri = f"models:/{REGISTERED_NAMES[flavor]}@{ALIAS}"
+    fetched = run_cli(
+        "fetch", "--model-uri", alias_uri, "--dest", str(dest), env={"MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    env = {
+        "PHI3_ONNX_VARIANT": "cpu-int4",
+        "PHI3_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
+        "PHI3_TEMPERATURE": "0.7",
+        "PHI3_TOP_P": "0.95",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+    }
+    process = ServedProcess(str(dest), f"tiny-{flavor}", workdir / "serve.log", env=env)
+    with process:
+        yield Served(flavor=flavor, process=process, model_uri=packaged[flavor])

@@ -1,0 +1,181 @@
+"""Run the data-plane CLI the way users and the container do: as real processes on loopback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.support.mlflow_server import free_port
+from tests.support.wait import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+@functools.cache
+def phi3_command() -> tuple[str, ...]:
+    """`phi3-operator` once the control plane forwards the data-plane commands, else our module."""
+    console_script = Path(sys.executable).with_name("phi3-operator")
+    if console_script.exists():
+        probe = subprocess.run(
+            [str(console_script), "fetch", "--help"], capture_output=True, text=True, timeout=120, check=False
+        )
+        if probe.returncode == 0 and "--dest" in probe.stdout:
+            return (str(console_script),)
+    return (sys.executable, "-m", "phi3_serving.cli")
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **OFFLINE_ENV, **(extra or {})}
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*phi3_command(), *args],
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+
+
+def package(flavor: str, model_dir: Path, *, name: str, tracking_uri: str, alias: str | None = None) -> str:
+    """`phi3-operator package FLAVOR DIR`; returns the `models:/N/V` URI from the last stdout line."""
+    args = ["package", flavor, str(model_dir), "--name", name, "--tracking-uri", tracking_uri]
+    if alias:
+        args += ["--alias", alias]
+    result = run_cli(*args)
+    if result.returncode != 0:
+        raise AssertionError(f"package {flavor} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class ServedProcess:
+    """`phi3-operator serve` on 127.0.0.1 with free ports; stopped (with its whole session) on exit."""
+
+    model_uri: str
+    model_name: str
+    log_path: Path
+    env: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 180) -> ServedProcess:
+        command = [
+            *phi3_command(),
+            "serve",
+            "--model-uri",
+            self.model_uri,
+            "--model-name",
+            self.model_name,
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                env=cli_env(self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+        try:
+            wait_until(self._ready, timeout=timeout, interval=0.25, message=f"{self.model_name} to be ready")
+        except Exception:
+            self.stop()
+            raise AssertionError(f"serve did not become ready:\n{self.log_tail()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError(f"serve exited with {self._process and self._process.returncode}")
+        status, _ = self.get("/v2/health/ready")
+        return status == 200
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{port or self.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return int(response.status), bytes(response.read())
+        except urllib.error.HTTPError as error:
+            return int(error.code), bytes(error.read())
+
+    def post(self, path: str, body: Any, *, raw: bytes | None = None, timeout: float = 120) -> tuple[int, Any]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.base_url}{path}", data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return int(response.status), json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            payload = error.read()
+            try:
+                return int(error.code), json.loads(payload)
+            except json.JSONDecodeError:
+                return int(error.code), payload.decode(errors="replace")
+
+    def __enter__(self) -> ServedProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
