@@ -1,0 +1,232 @@
+"""The chart on its own: the CRD copy, lint, the values schema and what the templates render."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from phi3_operator.settings import OperatorSettings
+from tests.chart.helpers import CHART_DIR, Helm
+from tests.support.cluster import REPO_ROOT
+
+NAMESPACED_VALUES = ("--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}")
+FORBIDDEN_VERBS = {"*", "deletecollection", "escalate", "bind", "impersonate"}
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def rules_of(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in doc["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rules.setdefault((group, resource), set()).update(rule["verbs"])
+    return rules
+
+
+# Exactly what operator/phi3_operator/{k8s,reconcile,handlers}.py and kopf call, per namespace.
+EXPECTED_NAMESPACED_RULES = {
+    ("phi3.ai", "phi3models"): {"get", "list", "watch", "patch"},
+    ("phi3.ai", "phi3models/status"): {"get", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+    ("", "services"): {"get", "create", "patch"},
+    ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
+    ("", "secrets"): {"get"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+}
+CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+# kopf lists and watches namespaces only when it serves a list of them (never clusterwide).
+NAMESPACES_RULE = {("", "namespaces"): {"list", "watch"}}
+
+
+def test_chart_crd_is_a_byte_copy_of_the_top_level_crd() -> None:
+    top = REPO_ROOT / "crds"
+    chart = CHART_DIR / "crds"
+    assert sorted(p.name for p in chart.glob("*.yaml")) == sorted(p.name for p in top.glob("*.yaml"))
+    for source in top.glob("*.yaml"):
+        assert (chart / source.name).read_bytes() == source.read_bytes(), (
+            f"charts/phi3-operator/crds/{source.name} differs from crds/{source.name}: run hack/sync-chart-crds"
+        )
+
+
+@pytest.mark.parametrize("values", [(), NAMESPACED_VALUES], ids=["default", "namespaced"])
+def test_helm_lint_strict_is_clean(helm: Helm, values: tuple[str, ...]) -> None:
+    proc = helm.run("lint", "--strict", str(CHART_DIR), *values)
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        (("--set-string", "replicaCount=two"), "/replicaCount"),
+        (("--set", "replicaCount=2"), "/replicaCount"),
+        (("--set", "rbac.scope=everywhere"), "/rbac/scope"),
+        (("--set", "colour=blue"), "additional properties 'colour' not allowed"),
+        (("--set", "config.imageCatalog[0].flavor=sklearn"), "/config/imageCatalog/0/flavor"),
+        (("--set", "config.maxWorkers=0"), "/config/maxWorkers"),
+        (("--set", "watchNamespaces={Not_A_Namespace}"), "/watchNamespaces/0"),
+    ],
+    ids=["replicas-string", "replicas-two", "rbac-scope", "unknown-key", "flavor", "max-workers", "namespace-name"],
+)
+def test_values_schema_rejects_bad_values(helm: Helm, values: tuple[str, ...], complaint: str) -> None:
+    proc = helm.run("template", "phi3", str(CHART_DIR), *values, check=False)
+    assert proc.returncode != 0, f"helm template accepted {values}"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_default_render_runs_the_operator_hardened_and_cluster_wide(helm: Helm) -> None:
+    docs = helm.template()
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/phi3-operator/operator:0.1.0"
+    assert container["command"] == ["phi3-operator"]
+    assert container["args"] == ["run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz"]
+    assert deployment["spec"]["replicas"] == 1
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PHI3_OPERATOR_CONFIG"] == "/etc/phi3-operator/config.yaml"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/phi3-operator": "config", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert "emptyDir" in volumes["tmp"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+
+    assert by_kind(docs, "Role") == [] and by_kind(docs, "RoleBinding") == []
+    # Clusterwide, kopf does not observe namespaces: no grant for them.
+    assert rules_of(one(docs, "ClusterRole")) == {**CRD_RULE, **EXPECTED_NAMESPACED_RULES}
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "phi3-system"}
+    ]
+    assert by_kind(docs, "ServiceMonitor") == []
+
+
+def test_namespaced_render_binds_roles_per_watched_namespace(helm: Helm) -> None:
+    docs = helm.template(*NAMESPACED_VALUES)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [
+        "run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz",
+        "--namespace", "team-a", "--namespace", "team-b",
+    ]
+    # Only kopf's read-only scans stay cluster-wide.
+    assert rules_of(one(docs, "ClusterRole")) == {**CRD_RULE, **NAMESPACES_RULE}
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert rules_of(role) == EXPECTED_NAMESPACED_RULES
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["subjects"][0]["namespace"] == "phi3-system"
+
+
+def test_namespace_scope_without_a_list_watches_the_release_namespace(helm: Helm) -> None:
+    docs = helm.template("--set", "rbac.scope=namespace", namespace="llm-ops")
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--namespace", "llm-ops"]
+    assert [r["metadata"]["namespace"] for r in by_kind(docs, "Role")] == ["llm-ops"]
+
+
+@pytest.mark.parametrize("values", [(), NAMESPACED_VALUES], ids=["default", "namespaced"])
+def test_rbac_grants_no_wildcards_and_no_child_deletes(helm: Helm, values: tuple[str, ...]) -> None:
+    docs = helm.template(*values)
+    for doc in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        for rule in doc["rules"]:
+            assert "*" not in rule["apiGroups"] and "*" not in rule["resources"], rule
+            assert not FORBIDDEN_VERBS & set(rule["verbs"]), rule
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+        granted = rules_of(doc)
+        for resource in (("apps", "deployments"), ("", "services"), ("phi3.ai", "phi3models")):
+            assert "delete" not in granted.get(resource, set()), resource
+        assert ("", "pods") not in granted and ("", "configmaps") not in granted
+        assert granted.get(("", "namespaces"), {"list", "watch"}) == {"list", "watch"}
+
+
+def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["config"]
+    docs = helm.template("--set", "config.maxWorkers=4", "--set", "config.resyncIntervalSeconds=30")
+    raw = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert set(raw) == {"defaultTrackingUri", "resyncIntervalSeconds", "modelRefreshIntervalSeconds",
+                        "builderImage", "maxWorkers", "imageCatalog"}
+    settings = OperatorSettings.from_mapping(raw, env={})
+    assert settings.default_tracking_uri == values["defaultTrackingUri"]
+    assert settings.resync_interval_s == 30.0
+    assert settings.model_refresh_interval_s == float(values["modelRefreshIntervalSeconds"])
+    assert settings.builder_image == values["builderImage"]
+    assert settings.max_workers == 4
+    assert {(c.flavor, c.target) for c in settings.image_catalog} == {
+        (flavor, target) for flavor in ("onnx-genai", "transformers", "pyfunc") for target in ("cpu", "cuda")
+    }
+    for entry, source in zip(settings.image_catalog, values["imageCatalog"], strict=True):
+        assert entry.image == source["image"]
+        assert set(entry.packages) == {p.split("==")[0] for p in source["packages"]}
+
+
+def test_config_change_rolls_the_operator(helm: Helm) -> None:
+    def checksum(*args: str) -> str:
+        deployment = one(helm.template(*args), "Deployment")
+        return str(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+
+    assert checksum() == checksum()
+    assert checksum() != checksum("--set", "config.maxWorkers=2")
+
+
+def test_image_tag_and_digest_are_configurable(helm: Helm) -> None:
+    def image(*args: str) -> str:
+        return str(one(helm.template(*args), "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    assert image("--set", "image.repository=registry.local/op", "--set", "image.tag=dev") == "registry.local/op:dev"
+    digest = "sha256:" + "a" * 64
+    assert image("--set", f"image.digest={digest}") == f"ghcr.io/phi3-operator/operator@{digest}"
+
+
+def test_metrics_service_and_optional_service_monitor(helm: Helm) -> None:
+    docs = helm.template()
+    service = one(docs, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "health", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+
+    docs = helm.template("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.port=9090",
+                         "--set", "metrics.serviceMonitor.labels.release=prometheus")
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9090
+
+
+def test_schema_is_strict_at_the_top_level() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"]), "values.yaml and values.schema.json list different keys"
+
