@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv binaries lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
+.PHONY: help setup system-packages venv binaries lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the whole product on the local control plane"
@@ -17,7 +17,12 @@ help:
 	@echo "make setup       create .venv and build the cached control-plane binaries"
 	@echo "make cluster-up / cluster-down   start or stop the local control plane"
 
-setup: venv binaries
+setup: venv binaries system-packages
+
+# Debian packages the tests use: lua5.4 runs the Argo CD health check, openssl makes the cluster's certificates.
+system-packages:
+	@command -v lua5.4 >/dev/null && command -v openssl >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 openssl; }
 
 venv: $(VENV_STAMP)
 

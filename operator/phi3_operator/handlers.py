@@ -36,7 +36,7 @@ def raise_for_retry(outcome: Outcome, retry: int) -> None:
         raise kopf.TemporaryError(outcome.message, delay=backoff(retry, outcome.retry_after))
 
 
-def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSettings) -> None:
+def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSettings, namespaced: bool = False) -> None:
     """Attach the handlers to `registry`; intervals come from the operator settings."""
 
     @kopf.on.startup(id="configure", registry=registry)
@@ -50,6 +50,8 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
             prefix="phi3.ai", key="last-handled-configuration"
         )
         settings.persistence.finalizer = "phi3.ai/finalizer"
+        # With fixed namespaces there is nothing to discover, so no need to list namespaces (RBAC).
+        settings.scanning.disabled = namespaced
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
 

@@ -192,8 +192,10 @@ class _Pass:
                 ready_replicas=ready,
             )
         )
-        resolved = conditions[0].status == "True"
-        return Outcome(retry_after=None if resolved else self.r.settings.model_refresh_interval_s)
+        resolution = conditions[0]
+        if resolution.status == "True":
+            return Outcome()
+        return Outcome(retry_after=self.r.settings.model_refresh_interval_s, message=resolution.message)
 
     def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
         deployment: dict[str, Any] | None = None

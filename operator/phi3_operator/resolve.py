@@ -142,7 +142,7 @@ def describe_mlmodel(mlmodel: Mapping[str, Any], requirements_text: str) -> dict
         "task": task,
         "python_version": str(pyfunc.get("python_version") or ""),
         "requirements": requirements,
-        "variants": tuple(str(v) for v in metadata.get("phi3_variants") or ()),
+        "variants": tuple(str(v) for v in metadata.get("phi3_onnx_variants") or ()),
     }
 
 
