@@ -37,7 +37,7 @@ binaries:
 	hack/localcluster build
 
 lint: venv
-	$(BIN)/ruff check operator tests bench hack/*.py
+	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -144,11 +144,13 @@ def main() -> int:
     audit_log = cluster.kubeconfig.parent / "audit.log"
     namespaces = [cluster.create_namespace(p) for p in ("bench-baseline", "bench-latency", "bench-scale")]
     operator = OperatorProcess(cluster, work / "operator.log", operator_env(resync_s=args.resync, refresh_s=60))
-    result: dict[str, Any] = {"machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}}
+    machine = {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}
+    result: dict[str, Any] = {"machine": machine}
     try:
         baseline = kubectl_baseline(cluster, namespaces[0], uri, args.samples)
         operator.start()
-        wait_until(lambda: "Initial authentication has finished" in operator.log(), timeout=60, message="operator start")
+        wait_until(lambda: "Initial authentication has finished" in operator.log(), timeout=60,
+                   message="operator start")
         latency = operator_latency(cluster, namespaces[1], uri, args.samples)
         result["latency"] = {
             "samples": args.samples,
@@ -165,8 +167,9 @@ def main() -> int:
         manifests = [cr(f"scale-{i:04d}", uri) for i in range(args.crs)]
         started = time.perf_counter()
         for chunk in range(0, len(manifests), 250):
+            items = manifests[chunk : chunk + 250]
             cluster.kubectl("create", "-n", scale_ns, "-f", "-", timeout=600,
-                            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests[chunk:chunk + 250]}))
+                            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
         def all_reconciled() -> bool:
             items = cluster.get("phi3", namespace=scale_ns)["items"]

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phi3_operator.builders import BuildContext, Owner, build_children
+from phi3_operator.builders.build import BuildRequest, build_context_configmap, build_job, job_outcome
 from phi3_operator.builders.common import API_VERSION, KIND
-from phi3_operator.images import NoCompatibleImage, onnx_variant, select_image
+from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
-from phi3_operator.spec import SpecError, parse_spec
+from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
 from phi3_operator.status import (
     Condition,
     ObservedState,
@@ -27,6 +28,7 @@ from phi3_operator.status import (
 
 logger = logging.getLogger(__name__)
 
+BUILD_POLL_S = 10.0
 OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"))
 
 
@@ -115,7 +117,8 @@ class _Pass:
         failing = next(c for c in conditions if c.status != "True")
         previously = {c.get("type"): c for c in self.current_status.get("conditions", [])}
         before = previously.get(failing.type, {})
-        if before.get("reason") != failing.reason or before.get("status") != failing.status:
+        changed = before.get("reason") != failing.reason or before.get("status") != failing.status
+        if changed and failing.reason != "Building":  # a build start has its own Normal event
             self.event("Warning", failing.reason, failing.message)
         return Outcome(retry_after=retry_after, message=failing.message)
 
@@ -158,20 +161,20 @@ class _Pass:
                 retry_after=None,
                 model=model.as_status(spec.model.uri),
             )
+        image = decision.image
         if decision.source == "Build":
-            return self.fail(
-                [*conditions, Condition("ImageReady", "False", "BuildRequired",
-                                        f"no catalog image carries {', '.join(decision.missing) or 'the model'}; "
-                                        "in-cluster builds are not enabled, set image.override")],
-                retry_after=None,
-                model=model.as_status(spec.model.uri),
-            )
-        conditions.append(Condition("ImageReady", "True", decision.source, f"using {decision.image}"))
+            built, image_condition, retry_after = self.ensure_build(spec, model, decision)
+            if built is None:
+                return self.hold_for_build(conditions, image_condition, retry_after, model.as_status(spec.model.uri))
+            image = built
+            conditions.append(image_condition)
+        else:
+            conditions.append(Condition("ImageReady", "True", decision.source, f"using {decision.image}"))
 
         ctx = BuildContext(
             owner=self.owner,
             spec=spec,
-            image=decision.image,
+            image=image,
             model_uri=model.uri,
             tracking_uri=tracking_uri,
             onnx_variant=onnx_variant(spec.hardware.target, model.variants),
@@ -186,7 +189,7 @@ class _Pass:
                 generation=self.generation,
                 conditions=conditions,
                 model=model.as_status(spec.model.uri),
-                image=decision.image,
+                image=image,
                 endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port),
                 replicas=replicas,
                 ready_replicas=ready,
@@ -196,6 +199,58 @@ class _Pass:
         if resolution.status == "True":
             return Outcome()
         return Outcome(retry_after=self.r.settings.model_refresh_interval_s, message=resolution.message)
+
+    def ensure_build(
+        self, spec: Phi3ModelSpec, model: ResolvedModel, decision: ImageDecision
+    ) -> tuple[str | None, Condition, float | None]:
+        """(built image or None, the ImageReady condition, when to look again) for a model that needs a build."""
+        needs = ", ".join(decision.missing) or "an image of its own (image.policy: Build)"
+        if not spec.image.registry:
+            message = f"the model needs {needs}, which means a build, but spec.image.registry is empty"
+            return None, Condition("ImageReady", "False", "RegistryRequired", message), None
+        request = BuildRequest(
+            base_image=decision.base_image,
+            requirements=model.requirements,
+            registry=spec.image.registry,
+            namespace=self.owner.namespace,
+            builder_image=self.r.settings.builder_image,
+            push_secret=spec.image.push_secret,
+        )
+        previous = {c.get("type"): c for c in self.current_status.get("conditions", [])}.get("ImageReady", {})
+        if self.current_status.get("image") == request.image and previous.get("reason") == "Built":
+            return request.image, Condition("ImageReady", "True", "Built", str(previous.get("message", ""))), None
+        outcome, message = job_outcome(self.r.api.get(ObjectKey("batch/v1", "Job", self.owner.namespace, request.name)))
+        if outcome == "Missing":
+            # Both are shared by every model with the same needs: no owner, so one model's deletion
+            # cannot take the build from the others.
+            self.r.api.apply_if_changed(build_context_configmap(request))
+            self.r.api.apply_if_changed(build_job(request))
+            self.event("Normal", "BuildStarted", f"building {request.image} for {needs} in Job {request.name}")
+            return None, Condition("ImageReady", "False", "Building", f"building {request.image} in Job "
+                                   f"{request.name}"), BUILD_POLL_S
+        if outcome == "Built":
+            return request.image, Condition("ImageReady", "True", "Built", message), None
+        if outcome == "BuildFailed":
+            return None, Condition("ImageReady", "False", "BuildFailed", message), None
+        return None, Condition("ImageReady", "False", "Building", message), BUILD_POLL_S
+
+    def hold_for_build(
+        self, conditions: list[Condition], image_condition: Condition, retry_after: float | None,
+        model_status: dict[str, Any],
+    ) -> Outcome:
+        """No image yet: whatever Deployment already serves is left exactly as it is."""
+        live = self.r.api.get(ObjectKey("apps/v1", "Deployment", self.owner.namespace, self.owner.name))
+        available, replicas, ready = deployment_available(live)
+        previous_image = str(self.current_status.get("image", "")) if live is not None else ""
+        return self.fail(
+            [*conditions, image_condition, available],
+            retry_after=retry_after,
+            model=model_status,
+            image=previous_image,
+            replicas=replicas,
+            ready_replicas=ready,
+            building=image_condition.reason == "Building",
+        )
 
     def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
         deployment: dict[str, Any] | None = None

@@ -71,7 +71,8 @@ def phase_of(conditions: Sequence[Condition], building: bool) -> str:
     by_type = {c.type: c for c in conditions}
     if all(c.status == "True" for c in conditions):
         return "Ready"
-    failed_reasons = {"InvalidSpec", "ModelNotFound", "NoCompatibleImage", "BuildFailed", "InvalidModel"}
+    failed_reasons = {"InvalidSpec", "ModelNotFound", "NoCompatibleImage", "BuildFailed", "InvalidModel",
+                      "RegistryRequired"}
     if any(c.status == "False" and c.reason in failed_reasons for c in conditions):
         return "Failed"
     resolved = by_type.get("ModelResolved")

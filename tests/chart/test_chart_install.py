@@ -170,7 +170,7 @@ def test_operator_runs_on_the_charts_namespaced_rbac(
             assert can_i(as_sa, verb, resource, namespace), f"{verb} {resource} should be granted"
         refused = [("delete", "deployments.apps", namespace), ("delete", "services", namespace),
                    ("create", "pods", namespace), ("delete", "phi3models.phi3.ai", namespace),
-                   ("list", "secrets", namespace), ("get", "configmaps", namespace),
+                   ("list", "secrets", namespace), ("delete", "configmaps", namespace),
                    ("update", "deployments.apps", namespace), ("get", "secrets", "default"),
                    ("create", "deployments.apps", "default"), ("get", "phi3models.phi3.ai", "default"),
                    ("get", "namespaces", namespace), ("create", "customresourcedefinitions.apiextensions.k8s.io", None),

@@ -21,7 +21,8 @@ def operator(crd: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     process = OperatorProcess(
         cluster=crd,
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
-        extra_env=operator_env(resync_s=3.0, refresh_s=3.0),
+        extra_env={**operator_env(resync_s=3.0, refresh_s=3.0),
+                   "PHI3_OPERATOR_CONFIG": str(Path(__file__).parent / "testdata" / "operator-config.yaml")},
     )
     process.start()
     yield process

@@ -109,8 +109,8 @@ def test_describe_mlmodel_flavors() -> None:
                                                  "python_function": {"python_version": "3.11.7"}}}, "torch==2.5\n")
     assert transformers["flavor"] == "transformers" and transformers["task"] == "llm/v1/chat"
     assert transformers["requirements"] == ("torch==2.5",)
-    onnx = describe_mlmodel({"flavors": {"python_function": {}},
-                             "metadata": {"phi3_flavor": "onnx-genai", "phi3_onnx_variants": ["cpu-int4", "cuda-int4"]}}, "")
+    metadata = {"phi3_flavor": "onnx-genai", "phi3_onnx_variants": ["cpu-int4", "cuda-int4"]}
+    onnx = describe_mlmodel({"flavors": {"python_function": {}}, "metadata": metadata}, "")
     assert onnx["flavor"] == "onnx-genai" and onnx["variants"] == ("cpu-int4", "cuda-int4")
     assert describe_mlmodel({"flavors": {"python_function": {}}}, "")["flavor"] == "pyfunc"
 

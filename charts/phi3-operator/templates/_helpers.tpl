@@ -109,8 +109,11 @@ reconcile.py, handlers.py) plus what kopf needs for the watched resource. */}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# In-cluster runtime image builds.
+# In-cluster runtime image builds: the Job and the ConfigMap that holds its Dockerfile.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 {{- end }}
