@@ -19,10 +19,12 @@ help:
 
 setup: venv binaries system-packages
 
-# Debian packages the tests use: lua5.4 runs the Argo CD health check, openssl makes the cluster's certificates.
+# Debian packages the tests use: lua5.4 runs the Argo CD health check, openssl makes the cluster's
+# certificates, buildah and debootstrap prove that a generated build Dockerfile builds.
+SYSTEM_TOOLS := lua5.4 openssl buildah debootstrap
 system-packages:
-	@command -v lua5.4 >/dev/null && command -v openssl >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 openssl; }
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 venv: $(VENV_STAMP)
 
