@@ -112,6 +112,27 @@ def _finish(name: str, model_info: Any, alias: str | None) -> PackagedModel:
     return PackagedModel(name=name, version=str(version), run_id=model_info.run_id, alias=alias)
 
 
+def onnx_signature() -> Any:
+    """Generation params only. An input schema would make MLflow reshape chat requests, so there is none;
+    the params schema is what lets `predict(..., params={"max_tokens": 8})` reach the model."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(
+        inputs=None,
+        outputs=None,
+        params=ParamSchema(
+            [
+                ParamSpec("max_tokens", "long", None),
+                ParamSpec("temperature", "double", None),
+                ParamSpec("top_p", "double", None),
+                ParamSpec("top_k", "long", None),
+                ParamSpec("stop", "string", [], (-1,)),
+            ]
+        ),
+    )
+
+
 def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
     model_dir = Path(model_dir).resolve()
     try:
@@ -135,6 +156,7 @@ def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri:
             python_model=str(ENTRY_FILE),
             artifacts={"onnx_model": str(model_dir)},
             pip_requirements=onnx_requirements(),
+            signature=onnx_signature(),
             metadata=model_metadata,
             registered_model_name=name,
         )

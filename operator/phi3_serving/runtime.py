@@ -15,6 +15,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
@@ -66,23 +67,46 @@ class _ThreadedStream:
 
     `started()` returns once the request is validated (or raises its error), so HTTP handlers
     can still answer 4xx before they commit to a 200 stream.
+
+    Events that pile up while the loop is busy are handed over together: one wake-up of the
+    loop per batch instead of one per token keeps a fast model from flooding the loop (and from
+    fighting it for the GIL), so the first token leaves as early as possible.
     """
 
     _STARTED = object()
 
     def __init__(self, engine: ChatEngine, request: ChatRequest, pool: ThreadPoolExecutor) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._pending: deque[object] = deque()
+        self._lock = threading.Lock()
+        self._wakeup_scheduled = False
+        self._ready = asyncio.Event()
         self._cancelled = threading.Event()
         self._engine = engine
         self._request = request
         self._future = self._loop.run_in_executor(pool, self._produce)
 
     def _put(self, item: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop closed under us: the server is shutting down
-            self._cancelled.set()
+        with self._lock:
+            self._pending.append(item)
+            wake = not self._wakeup_scheduled
+            self._wakeup_scheduled = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop closed under us: the server is shutting down
+                self._cancelled.set()
+
+    async def _take(self) -> list[object]:
+        while True:
+            with self._lock:
+                if self._pending:
+                    items = list(self._pending)
+                    self._pending.clear()
+                    self._wakeup_scheduled = False
+                    return items
+                self._ready.clear()
+            await self._ready.wait()
 
     def _produce(self) -> None:
         events: Iterator[StreamEvent] | None = None
@@ -102,22 +126,32 @@ class _ThreadedStream:
                 close()  # releases the engine's concurrency slot at once
 
     async def started(self) -> None:
-        item = await self._queue.get()
-        if isinstance(item, _Failed):
-            raise item.error
-        if isinstance(item, _Finished):
+        items = await self._take()
+        first, rest = items[0], items[1:]
+        if isinstance(first, _Failed):
+            raise first.error
+        if first is not self._STARTED:
             raise RuntimeError("the stream ended before it started")
+        with self._lock:
+            self._pending.extendleft(reversed(rest))
 
-    async def events(self) -> AsyncGenerator[StreamEvent, None]:
+    async def batches(self) -> AsyncGenerator[list[StreamEvent], None]:
+        """The events in the batches they arrived in; raises the engine's error, if any."""
         try:
             while True:
-                item = await self._queue.get()
-                if isinstance(item, _Finished):
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
-                assert isinstance(item, StreamEvent)
-                yield item
+                batch: list[StreamEvent] = []
+                for item in await self._take():
+                    if isinstance(item, _Failed):
+                        if batch:
+                            yield batch
+                        raise item.error
+                    if isinstance(item, _Finished):
+                        if batch:
+                            yield batch
+                        return
+                    assert isinstance(item, StreamEvent)
+                    batch.append(item)
+                yield batch
         finally:
             # The client went away (or we are done): stop generating for nobody.
             self._cancelled.set()
@@ -178,8 +212,8 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             stream = await self._start_stream(request)
         except InvalidRequestError as error:
             raise MLServerError(error.message, status_code=400) from error
-        async for event in stream.events():
-            if event.text or event.completion is not None:
+        async for batch in stream.batches():
+            for event in batch:
                 yield InferenceResponse(
                     model_name=self.name,
                     model_version=self.version,
@@ -229,15 +263,15 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
     async def _sse(self, stream: _ThreadedStream) -> AsyncIterator[bytes]:
         ids = {"model": self.name, "completion_id": new_completion_id(), "created": int(time.time())}
         yield _sse_event(role_chunk(**ids))
-        events = stream.events()
+        batches = stream.batches()
         try:
-            async for event in events:
-                for chunk in event_chunks(event, **ids):
-                    yield _sse_event(chunk)
-        except Exception as error:
+            async for batch in batches:
+                # One write per batch: each event stays its own SSE chunk, as OpenAI clients expect.
+                yield b"".join(_sse_event(chunk) for event in batch for chunk in event_chunks(event, **ids))
+        except Exception as error:  # the 200 is already sent: tell the client in-band
             yield _sse_event(error_body(f"generation failed: {error}", error_type="server_error"))
         finally:
-            await events.aclose()
+            await batches.aclose()
         yield b"data: [DONE]\n\n"
 
     @_route("/v1/models", "GET")

@@ -66,11 +66,14 @@ def test_stop_sequence_cuts_the_answer(served: Served) -> None:
 
 def test_openai_streaming_arrives_token_by_token(served: Served) -> None:
     client = openai_client(served)
+    # Warm the connection and the SDK's lazily built chunk types, so the timings below are the server's.
+    for _ in client.chat.completions.create(model=served.name, messages=CHAT, max_tokens=2, stream=True):  # type: ignore[arg-type]
+        pass
     started = time.perf_counter()
     stream = client.chat.completions.create(
         model=served.name,
-        messages=CHAT,  # type: ignore[arg-type]
-        max_tokens=400,
+        messages=[{"role": "user", "content": "Once upon a time"}],
+        max_tokens=1000,
         temperature=0,
         stream=True,
     )
@@ -80,12 +83,14 @@ def test_openai_streaming_arrives_token_by_token(served: Served) -> None:
     assert len(content_times) > 1, "expected the answer in more than one chunk"
     first_content = content_times[0]
     last_content = content_times[-1]
-    # Token streaming, not one buffered answer: the first token came well before the last one.
-    assert first_content < last_content
-    assert last_content - first_content > 0.3 * (finished - started), (
-        f"first token at {first_content - started:.3f}s, last at {last_content - started:.3f}s, "
-        f"done at {finished - started:.3f}s"
+    # Token streaming, not one buffered answer: the first token arrived while most of the
+    # generation was still ahead, and the answer came in pieces spread over time.
+    timings = (
+        f"first token at {first_content - started:.4f}s, last at {last_content - started:.4f}s, "
+        f"done at {finished - started:.4f}s, {len(content_times)} content chunks"
     )
+    assert first_content - started < 0.5 * (finished - started), timings
+    assert last_content > first_content, timings
     final = arrivals[-1][1]
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.usage is not None
