@@ -133,34 +133,47 @@ def onnx_signature() -> Any:
     )
 
 
-def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
-    model_dir = Path(model_dir).resolve()
+def _onnx_model_arguments(model_dir: Path) -> dict[str, Any]:
+    """What `log_model` and `save_model` get for an ONNX GenAI folder; raises PackagingError for a bad one."""
     try:
         variants = find_variants(model_dir)
     except ValueError as error:
         raise PackagingError(str(error)) from error
+    first_config = read_genai_config(variants[0].path)
+    return {
+        "python_model": str(ENTRY_FILE),
+        "artifacts": {"onnx_model": str(model_dir)},
+        "pip_requirements": onnx_requirements(),
+        "signature": onnx_signature(),
+        "metadata": {
+            "task": TASK,
+            "phi3_flavor": "onnx-genai",
+            "phi3_onnx_variants": [variant.name for variant in variants],
+            "phi3_context_length": context_length(first_config),
+        },
+    }
+
+
+def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
+    arguments = _onnx_model_arguments(Path(model_dir).resolve())
     _configure_mlflow(tracking_uri)
     import mlflow
 
-    first_config = read_genai_config(variants[0].path)
-    model_metadata = {
-        "task": TASK,
-        "phi3_flavor": "onnx-genai",
-        "phi3_onnx_variants": [variant.name for variant in variants],
-        "phi3_context_length": context_length(first_config),
-    }
     with mlflow.start_run(run_name=f"package-{name}"):
-        mlflow.log_params({"flavor": "onnx-genai", "variants": ",".join(v.name for v in variants)})
-        model_info = mlflow.pyfunc.log_model(
-            name=ARTIFACT_PATH,
-            python_model=str(ENTRY_FILE),
-            artifacts={"onnx_model": str(model_dir)},
-            pip_requirements=onnx_requirements(),
-            signature=onnx_signature(),
-            metadata=model_metadata,
-            registered_model_name=name,
-        )
+        variants = ",".join(arguments["metadata"]["phi3_onnx_variants"])
+        mlflow.log_params({"flavor": "onnx-genai", "variants": variants})
+        model_info = mlflow.pyfunc.log_model(name=ARTIFACT_PATH, registered_model_name=name, **arguments)
     return _finish(name, model_info, alias)
+
+
+def save_onnx_model(model_dir: Path, dest: Path) -> Path:
+    """The same MLflow model `package onnx` logs, written to a local folder (no tracking server)."""
+    arguments = _onnx_model_arguments(Path(model_dir).resolve())
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.pyfunc.save_model(path=str(dest), **arguments)
+    return Path(dest)
 
 
 def package_transformers(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
