@@ -93,5 +93,7 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         meta = deployment["metadata"]
         owner = (meta.get("labels") or {}).get(MODEL_LABEL)
         reconciler: Reconciler = memo["reconciler"]
-        if owner and (event["type"] == "DELETED" or reconciler.rollout_news(plain(deployment))):
+        if not owner:
+            return
+        if event["type"] == "DELETED" or not reconciler.observe_deployment(plain(deployment)):
             reconciler.reconcile_by_name(meta["namespace"], owner)

@@ -144,8 +144,13 @@ class KubeApi:
         )
         return result
 
-    def apply_if_changed(self, manifest: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-        """Apply only when the live object differs: (live object, "unchanged" | "created" | "updated")."""
+    def apply_if_changed(self, manifest: Mapping[str, Any], known_absent: bool = False) -> tuple[dict[str, Any], str]:
+        """Apply only when the live object differs: (live object, "unchanged" | "created" | "updated").
+
+        `known_absent` skips the read for an object that cannot exist yet.
+        """
+        if known_absent:
+            return self.apply(manifest), "created"
         live = self.get(ObjectKey.of(manifest))
         if live is not None and is_subset(manifest, live):
             return live, "unchanged"

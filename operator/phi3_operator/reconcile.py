@@ -65,16 +65,40 @@ class Reconciler:
             self._pruned.discard(uid)
             self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
 
-    def rollout_news(self, deployment: Mapping[str, Any]) -> bool:
-        """Would this Deployment state change the owner's status? Most Deployment updates would not."""
-        owners = [ref["uid"] for ref in deployment["metadata"].get("ownerReferences", []) if ref.get("kind") == KIND]
-        written = self._written_status.get(owners[0]) if owners else None
-        if written is None:
+    def observe_deployment(self, deployment: Mapping[str, Any]) -> bool:
+        """Fold a Deployment's rollout progress into its owner's status without a full reconcile.
+
+        Returns False when the owner's status is not known to this process; the caller then
+        reconciles in full.
+        """
+        meta = deployment["metadata"]
+        owners = [ref["uid"] for ref in meta.get("ownerReferences", []) if ref.get("kind") == KIND]
+        if not owners:
             return True
-        available, replicas, ready = deployment_available(deployment)
-        previous: Mapping[str, Any] = next((c for c in written.get("conditions", []) if c["type"] == "Available"), {})
-        before = (previous.get("status"), previous.get("reason"), written.get("replicas"), written.get("readyReplicas"))
-        return before != (available.status, available.reason, replicas, ready)
+        with self._lock_for(meta["namespace"], meta["name"]):
+            written = self._written_status.get(owners[0])
+            if written is None:
+                return False
+            available, replicas, ready = deployment_available(deployment)
+            kept = [
+                Condition(c["type"], c["status"], c["reason"], c["message"])
+                for c in written.get("conditions", [])
+                if c["type"] not in ("Available", "Ready")
+            ]
+            observed = ObservedState(
+                generation=int(written.get("observedGeneration", 1)),
+                conditions=[*kept, available],
+                model=written.get("model", {}),
+                image=str(written.get("image", "")),
+                endpoint=written.get("endpoint", {}),
+                replicas=replicas,
+                ready_replicas=ready,
+            )
+            status = build_status(written, observed, self.clock())
+            if status_changed(written, status):
+                self.api.patch_status(ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"]), status)
+                self._written_status[owners[0]] = status
+            return True
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
@@ -257,8 +281,10 @@ class _Pass:
         deployment_was_new = False
         applied = []
         desired = build_children(ctx)
+        # A model this operator has never written status for is new: its children cannot exist yet.
+        brand_new = not self.current_status
         for manifest in desired:
-            live, change = self.r.api.apply_if_changed(manifest)
+            live, change = self.r.api.apply_if_changed(manifest, known_absent=brand_new)
             if change != "unchanged":
                 applied.append(f"{change} {manifest['kind']} {manifest['metadata']['name']}")
             if manifest["kind"] == "Deployment":
