@@ -97,10 +97,15 @@ def requests_from_model_input(model_input: Any, params: Mapping[str, Any] | None
     for row in rows:
         if not isinstance(row, Mapping):
             raise InvalidRequestError(f"each request must be an object, got {type(row).__name__}")
-        merged = {key: value for key, value in (params or {}).items() if value is not None}
-        merged.update({key: value for key, value in row.items() if value is not None})
+        merged = {key: _plain(value) for key, value in (params or {}).items() if value is not None}
+        merged.update({key: _plain(value) for key, value in row.items() if value is not None})
         requests.append(merged)
     return requests
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars (what MLflow's `inputs` parser produces) as plain Python values."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _columnar_rows(columns: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -109,6 +114,8 @@ def _columnar_rows(columns: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     Only a mapping whose values are all equally long lists, and whose `prompt` holds strings or
     whose `messages` holds lists, is read that way; a single chat request never looks like that.
     """
+    # MLflow hands the columns over as numpy arrays.
+    columns = {key: _plain(value) for key, value in columns.items()}
     if not columns or not all(isinstance(value, list) for value in columns.values()):
         return None
     lengths = {len(value) for value in columns.values()}

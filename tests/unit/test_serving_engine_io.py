@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -36,6 +37,19 @@ def test_mlflow_columnar_input_becomes_rows() -> None:
         {"prompt": "a", "max_tokens": 1},
         {"prompt": "b", "max_tokens": 2},
     ]
+
+
+def test_mlflow_numpy_columns_become_rows() -> None:
+    columns = {"prompt": np.array(["a", "b"]), "max_tokens": np.array([1, 2])}
+    assert requests_from_model_input(columns, None) == [
+        {"prompt": "a", "max_tokens": 1},
+        {"prompt": "b", "max_tokens": 2},
+    ]
+
+
+def test_mlflow_inputs_rows_of_numpy_values_become_plain() -> None:
+    rows = [{"messages": np.array(CHAT, dtype=object), "max_tokens": np.array(3), "prompt": None}]
+    assert requests_from_model_input(rows, None) == [{"messages": CHAT, "max_tokens": 3}]
 
 
 def test_a_single_chat_request_is_not_mistaken_for_columns() -> None:
