@@ -45,6 +45,9 @@ _V2_OPTION_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p"
 _LLM_INPUT_KEYS = ("messages", "prompt")
 
 
+# Models that failed to load in this process (MLServer itself only logs it).
+LOAD_FAILURES: list[str] = []
+
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Response]])
 
 
@@ -166,7 +169,14 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             raise MLServerError(f"model {self.name} has no parameters.uri to load from", status_code=500)
         loop = asyncio.get_running_loop()
         # Loading reads hundreds of MB for a real model: keep the loop (and health probes) alive.
-        self._served: ServedModel = await loop.run_in_executor(None, lambda: load_served_model(uri, name=self.name))
+        try:
+            self._served: ServedModel = await loop.run_in_executor(
+                None, lambda: load_served_model(uri, name=self.name)
+            )
+        except Exception as error:
+            # MLServer logs this and shuts down; `serve` reads it to exit non-zero with the reason.
+            LOAD_FAILURES.append(f"{self.name}: {type(error).__name__}: {error}")
+            raise
         self._engine: ChatEngine = self._served.engine
         self._pool = ThreadPoolExecutor(
             max_workers=self._served.max_concurrency, thread_name_prefix=f"phi3-{self.name}"

@@ -114,4 +114,10 @@ def serve(options: ServeOptions) -> int:
     configure_logger()
     install_uvloop_event_loop()
     asyncio.run(run())
+    from phi3_serving.runtime import LOAD_FAILURES
+
+    if LOAD_FAILURES:
+        for failure in LOAD_FAILURES:
+            print(f"phi3-operator serve: the model failed to load: {failure}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -161,3 +161,27 @@ def test_transformers_pyfunc_is_mlflows_own(packaged: dict[str, str], registry: 
     answers = model.predict({"messages": CHAT, "max_tokens": 5})
     assert answers[0]["object"] == "chat.completion"
     assert answers[0]["usage"]["completion_tokens"] <= 5
+
+
+def serve_until_exit(model_uri: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    ports = [str(free_port()) for _ in range(3)]
+    result = run_cli(
+        "serve", "--model-uri", model_uri, "--model-name", "broken", "--host", "127.0.0.1",
+        "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+        env=env, timeout=180,
+    )  # fmt: skip
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path: Path) -> None:
+    code, output = serve_until_exit(str(tmp_path / "no-model-here"))
+    assert code == 1
+    assert "the model failed to load: broken: " in output
+
+
+def test_serve_names_a_missing_onnx_variant(packaged: dict[str, str], mlflow_server: MlflowServer) -> None:
+    code, output = serve_until_exit(
+        packaged["onnx"], env={"MLFLOW_TRACKING_URI": mlflow_server.tracking_uri, "PHI3_ONNX_VARIANT": "cuda-fp16"}
+    )
+    assert code == 1
+    assert "no ONNX variant 'cuda-fp16'; it has: cpu-int4, cpu-fp32" in output
