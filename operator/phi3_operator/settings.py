@@ -38,7 +38,7 @@ class OperatorSettings:
     default_tracking_uri: str = "http://mlflow.mlflow.svc:5000"
     resync_interval_s: float = 60.0
     model_refresh_interval_s: float = 60.0
-    builder_image: str = "gcr.io/kaniko-project/executor:v1.23.2-debug"
+    builder_image: str = "moby/buildkit:v0.17.2-rootless"
     image_catalog: tuple[CatalogImage, ...] = field(default_factory=default_catalog)
     field_manager: str = FIELD_MANAGER
     max_workers: int = 16

@@ -64,6 +64,17 @@ def test_chart_crd_is_a_byte_copy_of_the_top_level_crd() -> None:
         )
 
 
+@pytest.mark.parametrize("image", ["mlserver-cpu", "mlserver-cuda"])
+def test_chart_catalog_reads_what_the_runtime_images_install(image: str, helm: Helm) -> None:
+    source = REPO_ROOT / "images" / image / "packages.txt"
+    copy = CHART_DIR / "files" / f"{image}.packages.txt"
+    assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}: run hack/sync-chart-crds"
+    config = yaml.safe_load(one(helm.template(), "ConfigMap")["data"]["config.yaml"])
+    carried = [line for line in source.read_text().splitlines() if line and not line.startswith("#")]
+    entries = [e for e in config["imageCatalog"] if e["image"].startswith(f"ghcr.io/phi3-operator/{image}:")]
+    assert entries and all(e["packages"] == carried for e in entries)
+
+
 @pytest.mark.parametrize("values", [(), NAMESPACED_VALUES], ids=["default", "namespaced"])
 def test_helm_lint_strict_is_clean(helm: Helm, values: tuple[str, ...]) -> None:
     proc = helm.run("lint", "--strict", str(CHART_DIR), *values)
@@ -190,7 +201,10 @@ def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
     }
     for entry, source in zip(settings.image_catalog, values["imageCatalog"], strict=True):
         assert entry.image == source["image"]
-        assert set(entry.packages) == {p.split("==")[0] for p in source["packages"]}
+        listed = (CHART_DIR / source["packagesFile"]).read_text().splitlines()
+        packages = [line for line in listed if line and not line.startswith("#")]
+        assert set(entry.packages) == {p.split("==")[0] for p in packages}
+        assert "phi3-operator" in entry.packages
 
 
 def test_config_change_rolls_the_operator(helm: Helm) -> None:
