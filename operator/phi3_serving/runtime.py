@@ -350,8 +350,7 @@ async def _read_json(request: Request) -> tuple[Any, Response | None]:
 
 
 def _invalid(error: InvalidRequestError) -> Response:
-    status = 400
-    return JSONResponse(error_body(error.message, param=error.param, code=error.code), status_code=status)
+    return JSONResponse(error_body(error.message, param=error.param, code=error.code), status_code=400)
 
 
 def _sse_event(payload: dict[str, Any]) -> bytes:
