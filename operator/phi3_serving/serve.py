@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -113,7 +114,10 @@ def serve(options: ServeOptions) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     configure_logger()
     install_uvloop_event_loop()
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     from phi3_serving.runtime import LOAD_FAILURES
 
     if LOAD_FAILURES:
