@@ -39,10 +39,19 @@ def requirement_names(requirements: Iterable[str]) -> list[str]:
     return names
 
 
-def missing_packages(requirements: Iterable[str], carried: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(
-        sorted(name for name in requirement_names(requirements) if name not in carried and name not in ALWAYS_SATISFIED)
-    )
+# A model logged on a CPU machine names the CPU builds; a CUDA image carries their GPU twins.
+CUDA_EQUIVALENTS = {"onnxruntime-genai": "onnxruntime-genai-cuda", "onnxruntime": "onnxruntime-gpu"}
+
+
+def missing_packages(
+    requirements: Iterable[str], carried: Mapping[str, str], target: str = "cpu"
+) -> tuple[str, ...]:
+    def satisfied(name: str) -> bool:
+        if name in carried or name in ALWAYS_SATISFIED:
+            return True
+        return target == "cuda" and CUDA_EQUIVALENTS.get(name, "") in carried
+
+    return tuple(sorted(name for name in requirement_names(requirements) if not satisfied(name)))
 
 
 def catalog_entry(catalog: Iterable[CatalogImage], flavor: str, target: str) -> CatalogImage | None:
@@ -64,7 +73,7 @@ def select_image(spec: Phi3ModelSpec, model: ResolvedModel, settings: OperatorSe
     entry = catalog_entry(settings.image_catalog, model.flavor, target)
     if entry is None:
         raise NoCompatibleImage(f"the image catalog has no {target} image for flavor {model.flavor!r}")
-    missing = missing_packages(model.requirements, entry.packages) if entry.packages else ()
+    missing = missing_packages(model.requirements, entry.packages, target) if entry.packages else ()
     if spec.image.policy == "Build" or missing:
         if spec.image.policy == "Prebuilt":
             raise NoCompatibleImage(

@@ -131,6 +131,13 @@ def test_image_selection() -> None:
     assert select_image(override, needs, settings).image == "mine:1"
 
 
+def test_cuda_images_satisfy_cpu_builds_of_onnxruntime() -> None:
+    carried = {"onnxruntime-genai-cuda": "0.18.0", "onnxruntime-gpu": "1.22"}
+    requirements = ["onnxruntime-genai==0.18.0", "onnxruntime"]
+    assert missing_packages(requirements, carried, "cuda") == ()
+    assert missing_packages(requirements, carried, "cpu") == ("onnxruntime", "onnxruntime-genai")
+
+
 def test_onnx_variant() -> None:
     assert onnx_variant("cuda", ["cpu-int4", "cuda-fp16", "cuda-int4"]) == "cuda-int4"
     assert onnx_variant("cpu", ["cpu-fp32"]) == "cpu-fp32"
