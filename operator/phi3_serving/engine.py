@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,23 @@ class ChatEngine(Protocol):
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         """Validate the request now (raising InvalidRequestError), then stream the answer lazily."""
         ...
+
+
+def collect(events: Iterable[StreamEvent]) -> Completion:
+    """The whole answer from a stream whose last event carries the completion's counts."""
+    pieces: list[str] = []
+    completion: Completion | None = None
+    for event in events:
+        pieces.append(event.text)
+        completion = event.completion or completion
+    if completion is None:
+        raise RuntimeError("the generation stream ended without its completion event")
+    return Completion(
+        text="".join(pieces),
+        finish_reason=completion.finish_reason,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+    )
 
 
 def max_concurrency_from_env(env: Mapping[str, str]) -> int:

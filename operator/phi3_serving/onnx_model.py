@@ -27,6 +27,7 @@ from phi3_serving.chat import (
 )
 from phi3_serving.engine import (
     StreamEvent,
+    collect,
     max_concurrency_from_env,
     predict_stream_with,
     predict_with,
@@ -114,19 +115,7 @@ class OnnxGenAIEngine:
     # -- the ChatEngine interface --------------------------------------------------------------
 
     def complete(self, request: ChatRequest) -> Completion:
-        prepared = self._prepare(request)
-        pieces: list[str] = []
-        completion: Completion | None = None
-        for event in self._generate(prepared):
-            pieces.append(event.text)
-            completion = event.completion or completion
-        assert completion is not None  # _generate always ends with one
-        return Completion(
-            text="".join(pieces),
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-        )
+        return collect(self.stream(request))
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         return self._generate(self._prepare(request))

@@ -21,7 +21,7 @@ from phi3_serving.chat import (
     InvalidRequestError,
     StopSequenceFilter,
 )
-from phi3_serving.engine import StreamEvent
+from phi3_serving.engine import StreamEvent, collect
 
 FLAVOR = "transformers"
 
@@ -74,15 +74,7 @@ class TransformersEngine:
         return self._defaults
 
     def complete(self, request: ChatRequest) -> Completion:
-        pieces: list[str] = []
-        completion: Completion | None = None
-        for event in self.stream(request):
-            pieces.append(event.text)
-            completion = event.completion or completion
-        assert completion is not None
-        return Completion(
-            "".join(pieces), completion.finish_reason, completion.prompt_tokens, completion.completion_tokens
-        )
+        return collect(self.stream(request))
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         return self._generate(self._prepare(request))
