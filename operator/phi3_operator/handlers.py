@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +38,21 @@ def raise_for_retry(outcome: Outcome, retry: int) -> None:
         raise kopf.TemporaryError(outcome.message, delay=backoff(retry, outcome.retry_after))
 
 
-def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSettings, namespaced: bool = False) -> None:
+def resync_loop(reconciler: Reconciler, namespaces: tuple[str, ...], stop: threading.Event, interval_s: float) -> None:
+    """Every `interval_s`, reconcile every model: drift is repaired and alias moves are seen."""
+    while not stop.wait(interval_s):
+        started = time.monotonic()
+        try:
+            seen, failing = reconciler.resync(namespaces)
+        except Exception:  # the loop must outlive any one failure; kopf's handlers still run
+            logger.exception("resync pass failed")
+            continue
+        logger.info("resync: %d models in %.1fs, %d not reconciled yet", seen, time.monotonic() - started, failing)
+
+
+def register(
+    registry: kopf.OperatorRegistry, operator_settings: OperatorSettings, namespaces: tuple[str, ...] = ()
+) -> None:
     """Attach the handlers to `registry`; intervals come from the operator settings."""
 
     @kopf.on.startup(id="configure", registry=registry)
@@ -51,7 +67,7 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         )
         settings.persistence.finalizer = "phi3.ai/finalizer"
         # With fixed namespaces there is nothing to discover, so no need to list namespaces (RBAC).
-        settings.scanning.disabled = namespaced
+        settings.scanning.disabled = bool(namespaces)
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
 
@@ -66,14 +82,20 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         reconciler: Reconciler = memo["reconciler"]
         raise_for_retry(reconciler.reconcile(plain(body)), retry)
 
-    # The first tick waits a full interval: create and resume have just reconciled.
-    @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=operator_settings.resync_interval_s,
-                initial_delay=operator_settings.resync_interval_s, registry=registry)
-    def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        reconciler: Reconciler = memo["reconciler"]
-        outcome = reconciler.reconcile(plain(body))
-        if outcome.retry_after is not None:
-            logger.info("%s/%s: resync: %s", body["metadata"]["namespace"], body["metadata"]["name"], outcome.message)
+    @kopf.on.startup(id="start-resync", registry=registry)
+    def start_resync(memo: kopf.Memo, **_: Any) -> None:
+        # One periodic pass over all models, rather than a kopf timer per object: a timer per object
+        # costs a task and its state for each of thousands of models.
+        stop = threading.Event()
+        thread = threading.Thread(target=resync_loop, args=(memo["reconciler"], namespaces, stop,
+                                                            operator_settings.resync_interval_s),
+                                  name="resync", daemon=True)
+        memo["resync_stop"] = stop
+        thread.start()
+
+    @kopf.on.cleanup(id="stop-resync", registry=registry)
+    def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+        memo["resync_stop"].set()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -156,6 +156,19 @@ class KubeApi:
             return live, "unchanged"
         return self.apply(manifest), "created" if live is None else "updated"
 
+    def list_models(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every Phi3Model in `namespace`, or in the cluster."""
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query = [("limit", "500")] + ([("continue", token)] if token else [])
+            page = self._call("GET", f"/apis/phi3.ai/v1alpha1{scope}/phi3models", query=query)
+            items.extend(page.get("items", []))
+            token = page.get("metadata", {}).get("continue", "")
+            if not token:
+                return items
+
     def delete(self, key: ObjectKey) -> bool:
         try:
             self._call("DELETE", key.path(), body={"propagationPolicy": "Background"})

@@ -38,7 +38,7 @@ def run(options: RunOptions) -> None:
         resolver=Resolver(lookup=mlflow_lookup, refresh_interval_s=settings.model_refresh_interval_s),
     )
     registry = kopf.OperatorRegistry()
-    register(registry, settings, namespaced=bool(options.namespaces))
+    register(registry, settings, namespaces=options.namespaces)
     asyncio.run(
         kopf.operator(
             registry=registry,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,27 @@ class Reconciler:
                 self.api.patch_status(ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"]), status)
                 self._written_status[owners[0]] = status
             return True
+
+    def resync(self, namespaces: tuple[str, ...], workers: int = 4) -> tuple[int, int]:
+        """Reconcile every model once (the periodic level-based pass): (models seen, not reconciled)."""
+        bodies = [b for ns in (namespaces or (None,)) for b in self.api.list_models(ns)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync") as pool:
+            results = list(pool.map(self._resync_one, bodies))
+        return len(bodies), results.count(False)
+
+    def _resync_one(self, body: Mapping[str, Any]) -> bool:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return True
+        try:
+            outcome = self.reconcile(body)
+        except KubeError as error:
+            logger.warning("%s/%s: resync failed: %s", meta["namespace"], meta["name"], error)
+            return False
+        if outcome.retry_after is not None:
+            logger.info("%s/%s: resync: %s", meta["namespace"], meta["name"], outcome.message)
+            return False
+        return True
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
