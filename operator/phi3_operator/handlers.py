@@ -47,7 +47,9 @@ def resync_loop(reconciler: Reconciler, namespaces: tuple[str, ...], stop: threa
         except Exception:  # the loop must outlive any one failure; kopf's handlers still run
             logger.exception("resync pass failed")
             continue
-        logger.info("resync: %d models in %.1fs, %d not reconciled yet", seen, time.monotonic() - started, failing)
+        elapsed = time.monotonic() - started
+        reconciler.metrics.resynced(seen, elapsed)
+        logger.info("resync: %d models in %.1fs, %d not reconciled yet", seen, elapsed, failing)
 
 
 def register(

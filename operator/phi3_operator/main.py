@@ -11,6 +11,7 @@ import kopf
 
 from phi3_operator.handlers import register
 from phi3_operator.k8s import KubeApi, new_api_client
+from phi3_operator.metrics import serve as serve_metrics
 from phi3_operator.reconcile import Reconciler
 from phi3_operator.resolve import Resolver, mlflow_lookup
 from phi3_operator.settings import OperatorSettings
@@ -22,6 +23,7 @@ class RunOptions:
     config_path: str | None = None
     liveness_endpoint: str | None = None
     peering_name: str | None = None
+    metrics_address: str | None = None  # host:port
     verbose: bool = False
 
 
@@ -37,6 +39,9 @@ def run(options: RunOptions) -> None:
         settings=settings,
         resolver=Resolver(lookup=mlflow_lookup, refresh_interval_s=settings.model_refresh_interval_s),
     )
+    if options.metrics_address:
+        host, _, port = options.metrics_address.rpartition(":")
+        serve_metrics(reconciler.metrics, host or "0.0.0.0", int(port))
     registry = kopf.OperatorRegistry()
     register(registry, settings, namespaces=options.namespaces)
     asyncio.run(

@@ -14,6 +14,7 @@ from phi3_operator.builders.build import BuildRequest, build_context_configmap, 
 from phi3_operator.builders.common import API_VERSION, KIND
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
+from phi3_operator.metrics import Metrics
 from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
@@ -47,6 +48,7 @@ class Reconciler:
     settings: OperatorSettings
     resolver: Resolver
     clock: Callable[[], str] = now_rfc3339
+    metrics: Metrics = field(default_factory=Metrics)
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     # The status this operator last wrote, per object uid. Reactions queued before that write
@@ -131,7 +133,13 @@ class Reconciler:
     def reconcile(self, body: Mapping[str, Any]) -> Outcome:
         meta = body["metadata"]
         with self._lock_for(meta["namespace"], meta["name"]):
-            return _Pass(self, body).run()
+            try:
+                outcome = _Pass(self, body).run()
+            except Exception:
+                self.metrics.reconciled("error")
+                raise
+        self.metrics.reconciled("ok" if outcome.retry_after is None else "retry")
+        return outcome
 
 
 class _Pass:
@@ -308,6 +316,7 @@ class _Pass:
         for manifest in desired:
             live, change = self.r.api.apply_if_changed(manifest, known_absent=brand_new)
             if change != "unchanged":
+                self.r.metrics.wrote(manifest["kind"])
                 applied.append(f"{change} {manifest['kind']} {manifest['metadata']['name']}")
             if manifest["kind"] == "Deployment":
                 deployment, deployment_was_new = live, change == "created"

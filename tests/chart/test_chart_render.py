@@ -109,7 +109,8 @@ def test_default_render_runs_the_operator_hardened_and_cluster_wide(helm: Helm) 
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/phi3-operator/operator:0.1.0"
     assert container["command"] == ["phi3-operator"]
-    assert container["args"] == ["run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz"]
+    assert container["args"] == ["run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz",
+                                 "--metrics-address", "0.0.0.0:8081"]
     assert deployment["spec"]["replicas"] == 1
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 1000
@@ -145,7 +146,7 @@ def test_namespaced_render_binds_roles_per_watched_namespace(helm: Helm) -> None
     docs = helm.template(*NAMESPACED_VALUES)
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [
-        "run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz",
+        "run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz", "--metrics-address", "0.0.0.0:8081",
         "--namespace", "team-a", "--namespace", "team-b",
     ]
     # Only kopf's read-only scans stay cluster-wide.
@@ -228,7 +229,9 @@ def test_image_tag_and_digest_are_configurable(helm: Helm) -> None:
 def test_metrics_service_and_optional_service_monitor(helm: Helm) -> None:
     docs = helm.template()
     service = one(docs, "Service")
-    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "health", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}]
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
     assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
 
     docs = helm.template("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.port=9090",
@@ -237,6 +240,7 @@ def test_metrics_service_and_optional_service_monitor(helm: Helm) -> None:
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9090
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.cluster import Cluster
+from tests.support.mlflow_server import free_port
 from tests.support.operator import OperatorProcess, install_crd, operator_env
 
 
@@ -20,6 +21,7 @@ def crd(cluster: Cluster) -> Cluster:
 def operator(crd: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     process = OperatorProcess(
         cluster=crd,
+        args=("--metrics-address", f"127.0.0.1:{free_port()}"),
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
         extra_env={**operator_env(resync_s=3.0, refresh_s=3.0),
                    "PHI3_OPERATOR_CONFIG": str(Path(__file__).parent / "testdata" / "operator-config.yaml")},

@@ -305,3 +305,28 @@ def test_operator_restart_mid_reconcile_converges(
     operator.start()
     wait_ready(cluster, namespace, "phi3-mini")
     assert cluster.exists("service", "phi3-mini", namespace)
+
+
+def test_metrics_endpoint_counts_what_the_operator_did(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, pyfunc_model_uri: str
+) -> None:
+    import urllib.request
+
+    address = operator.args[operator.args.index("--metrics-address") + 1]
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    before = scrape()
+    cluster.apply(example("phi3-cpu.yaml", pyfunc_model_uri), namespace)
+    wait_ready(cluster, namespace, "phi3-mini")
+    after = wait_until(lambda: (m := scrape())["phi3_operator_resync_passes_total"] > before.get(
+        "phi3_operator_resync_passes_total", 0) and m, timeout=30, message="a resync pass in the metrics")
+    ok = 'phi3_operator_reconciles_total{outcome="ok"}'
+    assert after[ok] > before.get(ok, 0)
+    applied = 'phi3_operator_applied_total{kind="Deployment"}'
+    assert after[applied] >= before.get(applied, 0) + 1
+    assert after["phi3_operator_models"] >= 1
