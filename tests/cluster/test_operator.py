@@ -213,12 +213,23 @@ def test_noop_resync_makes_zero_writes(
     wait_ready(cluster, namespace, "phi3-mini")
     assert operator_writes(audit_log, namespace, start), "the audit log must see the operator's first writes"
 
+    # Nothing may change but time: the Deployment controller has finished its own status updates
+    # (which the operator rightly mirrors), and the operator has stopped writing.
+    def rollout_complete() -> bool:
+        conditions = cluster.get("deployment", "phi3-mini", namespace)["status"].get("conditions", [])
+        return any(c["type"] == "Progressing" and c.get("reason") == "NewReplicaSetAvailable" for c in conditions)
+
+    wait_until(rollout_complete, timeout=60, message="the Deployment controller to finish the rollout")
     settled = wait_until(lambda: _quiet_since(audit_log, namespace), timeout=30,
                          message="the operator to stop writing after Ready")
     resyncs_before = operator.log().count(RESYNC_PASS)
     wait_until(lambda: operator.log().count(RESYNC_PASS) >= resyncs_before + 3, timeout=30,
                message="three more resync passes over every model")
-    assert operator_writes(audit_log, namespace, settled) == []
+    writes = operator_writes(audit_log, namespace, settled)
+    assert writes == [], [
+        (w["verb"], w["objectRef"].get("resource"), w["objectRef"].get("subresource"), w["objectRef"].get("name"),
+         w.get("userAgent"), w.get("requestReceivedTimestamp")) for w in writes
+    ]
 
 
 def _quiet_since(audit_log: Path, namespace: str) -> int | None:
@@ -320,7 +331,8 @@ def test_metrics_endpoint_counts_what_the_operator_did(
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
-    before = scrape()
+    # Another test may just have restarted the operator: wait for its metrics server.
+    before = wait_until(scrape, timeout=60, message="the metrics endpoint")
     cluster.apply(example("phi3-cpu.yaml", pyfunc_model_uri), namespace)
     wait_ready(cluster, namespace, "phi3-mini")
     after = wait_until(lambda: (m := scrape())["phi3_operator_resync_passes_total"] > before.get(
