@@ -76,7 +76,7 @@ def phase_of(conditions: Sequence[Condition], building: bool) -> str:
     if any(c.status == "False" and c.reason in failed_reasons for c in conditions):
         return "Failed"
     resolved = by_type.get("ModelResolved")
-    if resolved is not None and resolved.status != "True" and not resolved.reason.endswith("Stale"):
+    if resolved is not None and resolved.status != "True":
         return "Resolving" if resolved.reason != "MLflowUnavailable" else "Pending"
     if building:
         return "Building"

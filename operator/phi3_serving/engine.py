@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from phi3_serving.chat import (
     ChatRequest,
@@ -54,6 +55,36 @@ class ChatEngine(Protocol):
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         """Validate the request now (raising InvalidRequestError), then stream the answer lazily."""
         ...
+
+
+PreparedT = TypeVar("PreparedT")
+
+
+class PreparedChatEngine(ABC, Generic[PreparedT]):
+    """A ChatEngine that checks and tokenizes a request first (raising at once), then generates lazily."""
+
+    _model_id: str
+    _defaults: GenerationDefaults
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        return self._defaults
+
+    def complete(self, request: ChatRequest) -> Completion:
+        return collect(self.stream(request))
+
+    def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
+        return self._generate(self._prepare(request))
+
+    @abstractmethod
+    def _prepare(self, request: ChatRequest) -> PreparedT: ...
+
+    @abstractmethod
+    def _generate(self, prepared: PreparedT) -> Iterator[StreamEvent]: ...
 
 
 def collect(events: Iterable[StreamEvent]) -> Completion:

@@ -26,8 +26,8 @@ from phi3_serving.chat import (
     StopSequenceFilter,
 )
 from phi3_serving.engine import (
+    PreparedChatEngine,
     StreamEvent,
-    collect,
     max_concurrency_from_env,
     predict_stream_with,
     predict_with,
@@ -68,7 +68,7 @@ class _PreparedRequest:
     request: ChatRequest
 
 
-class OnnxGenAIEngine:
+class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
     """One loaded onnxruntime-genai model; thread-safe, at most `max_concurrency` generations at once."""
 
     def __init__(
@@ -103,22 +103,6 @@ class OnnxGenAIEngine:
             defaults=GenerationDefaults.from_env(env),
             max_concurrency=max_concurrency_from_env(env),
         )
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def defaults(self) -> GenerationDefaults:
-        return self._defaults
-
-    # -- the ChatEngine interface --------------------------------------------------------------
-
-    def complete(self, request: ChatRequest) -> Completion:
-        return collect(self.stream(request))
-
-    def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
-        return self._generate(self._prepare(request))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from phi3_serving.chat import (
     InvalidRequestError,
     StopSequenceFilter,
 )
-from phi3_serving.engine import StreamEvent, collect
+from phi3_serving.engine import PreparedChatEngine, StreamEvent
 
 FLAVOR = "transformers"
 
@@ -36,7 +36,7 @@ class _PreparedRequest:
     request: ChatRequest
 
 
-class TransformersEngine:
+class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
     """A text-generation pipeline behind the ChatEngine interface; thread-safe and bounded."""
 
     def __init__(
@@ -65,19 +65,6 @@ class TransformersEngine:
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._model_id = f"transformers/{name}"
 
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def defaults(self) -> GenerationDefaults:
-        return self._defaults
-
-    def complete(self, request: ChatRequest) -> Completion:
-        return collect(self.stream(request))
-
-    def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
-        return self._generate(self._prepare(request))
 
     def render_prompt(self, request: ChatRequest) -> str:
         if request.prompt is not None:

@@ -12,7 +12,6 @@ way an in-cluster MLflow is used.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.processes import log_tail, stop_process_group
 from tests.support.wait import wait_until
 
 
@@ -53,10 +53,7 @@ class MlflowServer:
         return self._process is not None and self._process.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
+        return log_tail(self._log_path, lines)
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
         if self.running:
@@ -105,13 +102,7 @@ class MlflowServer:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        # The process group is the one this object started (start_new_session), nothing else.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=timeout)
+        stop_process_group(process, timeout)
         # Until the port is free again a restart on it would fail.
         wait_until(self._port_free, timeout=timeout, interval=0.2, message=f"port {self.port} to be released")
 
