@@ -1,41 +1,30 @@
-"""Thin kopf wiring: every reaction ends in Reconciler.reconcile()."""
+"""Thin kopf wiring: every reaction queues work for the Reconciler's worker threads."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from phi3_operator.builders.common import MANAGED_BY, MODEL_LABEL
-from phi3_operator.reconcile import Outcome, Reconciler
+from phi3_operator.reconcile import (
+    DeploymentChanged,
+    ModelChanged,
+    ModelKey,
+    Reconciler,
+    Work,
+    slim_deployment,
+    slim_model,
+)
 from phi3_operator.settings import OperatorSettings
+from phi3_operator.workqueue import WorkQueue
 
 GROUP, VERSION, PLURAL = "phi3.ai", "v1alpha1", "phi3models"
-MAX_BACKOFF_S = 300.0
 
 logger = logging.getLogger(__name__)
-
-
-def plain(value: Any) -> Any:
-    """kopf hands out live views; reconcile wants plain, comparable data."""
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
-
-
-def backoff(retry: int, ceiling: float) -> float:
-    return float(min(ceiling, MAX_BACKOFF_S, 5.0 * 2 ** min(retry, 8)))
-
-
-def raise_for_retry(outcome: Outcome, retry: int) -> None:
-    if outcome.retry_after is not None:
-        raise kopf.TemporaryError(outcome.message, delay=backoff(retry, outcome.retry_after))
 
 
 def resync_loop(reconciler: Reconciler, namespaces: tuple[str, ...], stop: threading.Event, interval_s: float) -> None:
@@ -62,7 +51,8 @@ def register(
         # kopf would post an Event for every handler run, timers included; we record our own,
         # only when something changed, so that a no-op resync writes nothing.
         settings.posting.enabled = False
-        settings.execution.max_workers = operator_settings.max_workers
+        # Our own worker threads do the reconciling; kopf's pool runs only the few sync handlers here.
+        settings.execution.max_workers = 2
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="phi3.ai")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="phi3.ai", key="last-handled-configuration"
@@ -77,17 +67,20 @@ def register(
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    # The reactions below are coroutines that only queue work and return: kopf then need not keep
+    # each object's event and body while the worker threads wait on the API server.
     @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", field="spec", registry=registry)
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    def on_spec(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        reconciler: Reconciler = memo["reconciler"]
-        raise_for_retry(reconciler.reconcile(plain(body)), retry)
+    async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        queue: WorkQueue[ModelKey, Work] = memo["queue"]
+        queue.add((body["metadata"]["namespace"], body["metadata"]["name"]), ModelChanged(slim_model(body)))
 
-    @kopf.on.startup(id="start-resync", registry=registry)
-    def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    @kopf.on.startup(id="start-workers", registry=registry)
+    def start_workers(memo: kopf.Memo, **_: Any) -> None:
         # One periodic pass over all models, rather than a kopf timer per object: a timer per object
         # costs a task and its state for each of thousands of models.
+        memo["queue"].start()
         stop = threading.Event()
         thread = threading.Thread(target=resync_loop, args=(memo["reconciler"], namespaces, stop,
                                                             operator_settings.resync_interval_s),
@@ -95,20 +88,21 @@ def register(
         memo["resync_stop"] = stop
         thread.start()
 
-    @kopf.on.cleanup(id="stop-resync", registry=registry)
-    def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    @kopf.on.cleanup(id="stop-workers", registry=registry)
+    def stop_workers(memo: kopf.Memo, **_: Any) -> None:
         memo["resync_stop"].set()
+        memo["queue"].stop()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
-    def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # Children go with the owner references; only the in-memory lock needs forgetting.
-        reconciler: Reconciler = memo["reconciler"]
+    async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Children go with the owner references; only what this process remembers needs forgetting.
         meta = body["metadata"]
-        reconciler.forget(meta["namespace"], meta["name"], meta["uid"])
+        memo["queue"].forget((meta["namespace"], meta["name"]))
+        memo["reconciler"].forget(meta["namespace"], meta["name"], meta["uid"])
 
     @kopf.on.event("apps", "v1", "deployments", id="child-event",
                    labels={"app.kubernetes.io/managed-by": MANAGED_BY}, registry=registry)
-    def on_deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def on_deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         # Rollout progress and hand deletions show here first; the initial listing does not need it,
         # since resume handlers cover every object at start-up.
         if event.get("type") not in ("MODIFIED", "DELETED"):
@@ -116,8 +110,7 @@ def register(
         deployment = event["object"]
         meta = deployment["metadata"]
         owner = (meta.get("labels") or {}).get(MODEL_LABEL)
-        reconciler: Reconciler = memo["reconciler"]
         if not owner:
             return
-        if event["type"] == "DELETED" or not reconciler.observe_deployment(plain(deployment)):
-            reconciler.reconcile_by_name(meta["namespace"], owner)
+        work: Work = ModelChanged() if event["type"] == "DELETED" else DeploymentChanged(slim_deployment(deployment))
+        memo["queue"].add((meta["namespace"], owner), work)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,18 +156,17 @@ class KubeApi:
             return live, "unchanged"
         return self.apply(manifest), "created" if live is None else "updated"
 
-    def list_models(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Every Phi3Model in `namespace`, or in the cluster."""
+    def list_models(self, namespace: str | None = None, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every Phi3Model in `namespace`, or in the cluster, read a page at a time."""
         scope = f"/namespaces/{namespace}" if namespace else ""
-        items: list[dict[str, Any]] = []
         token = ""
         while True:
-            query = [("limit", "500")] + ([("continue", token)] if token else [])
+            query = [("limit", str(page_size))] + ([("continue", token)] if token else [])
             page = self._call("GET", f"/apis/phi3.ai/v1alpha1{scope}/phi3models", query=query)
-            items.extend(page.get("items", []))
+            yield from page.get("items", [])
             token = page.get("metadata", {}).get("continue", "")
             if not token:
-                return items
+                return
 
     def delete(self, key: ObjectKey) -> bool:
         try:

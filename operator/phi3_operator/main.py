@@ -12,9 +12,10 @@ import kopf
 from phi3_operator.handlers import register
 from phi3_operator.k8s import KubeApi, new_api_client
 from phi3_operator.metrics import serve as serve_metrics
-from phi3_operator.reconcile import Reconciler
+from phi3_operator.reconcile import Reconciler, merge_work
 from phi3_operator.resolve import Resolver, mlflow_lookup
 from phi3_operator.settings import OperatorSettings
+from phi3_operator.workqueue import WorkQueue
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,14 @@ def run(options: RunOptions) -> None:
     if options.metrics_address:
         host, _, port = options.metrics_address.rpartition(":")
         serve_metrics(reconciler.metrics, host or "0.0.0.0", int(port))
+    queue = WorkQueue(reconciler.handle, merge_work, workers=settings.max_workers, name="reconcile")
+    reconciler.metrics.watch_queue(queue.waiting)
     registry = kopf.OperatorRegistry()
     register(registry, settings, namespaces=options.namespaces)
     asyncio.run(
         kopf.operator(
             registry=registry,
-            memo=kopf.Memo(reconciler=reconciler),
+            memo=kopf.Memo(reconciler=reconciler, queue=queue),
             clusterwide=not options.namespaces,
             namespaces=list(options.namespaces),
             standalone=options.peering_name is None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -18,6 +19,10 @@ class Metrics:
         self._resync_passes = 0
         self._models = 0
         self._last_resync_seconds = 0.0
+        self._queue_depth: Callable[[], int] = lambda: 0
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self._queue_depth = depth
 
     def reconciled(self, outcome: str) -> None:
         with self._lock:
@@ -51,6 +56,9 @@ class Metrics:
                 "# HELP phi3_operator_resync_duration_seconds Duration of the last resync pass.",
                 "# TYPE phi3_operator_resync_duration_seconds gauge",
                 f"phi3_operator_resync_duration_seconds {self._last_resync_seconds:.3f}",
+                "# HELP phi3_operator_work_queue_depth Models waiting for a reconcile worker.",
+                "# TYPE phi3_operator_work_queue_depth gauge",
+                f"phi3_operator_work_queue_depth {self._queue_depth()}",
             ]
         return "\n".join(lines) + "\n"
 

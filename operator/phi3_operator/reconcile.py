@@ -34,6 +34,70 @@ BUILD_POLL_S = 10.0
 OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"))
 
 
+ModelKey = tuple[str, str]  # (namespace, name)
+API_ERROR_RETRY_S = 60.0
+
+
+def plain(value: Any) -> Any:
+    """A deep copy as dicts and lists: kopf hands out live views; reconcile wants plain, comparable data."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def slim_model(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What reconcile reads of a Phi3Model. Queued work holds this, not the object's managed fields
+    and annotations: a thousand waiting models then cost little memory."""
+    meta = body["metadata"]
+    keep = ("name", "namespace", "uid", "generation", "deletionTimestamp")
+    return {
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "spec": plain(body.get("spec") or {}),
+        "status": plain(body.get("status") or {}),
+    }
+
+
+def slim_deployment(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """What observe_deployment reads of a Deployment."""
+    meta = deployment["metadata"]
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "generation": meta.get("generation", 0),
+            "ownerReferences": [{"kind": r.get("kind"), "uid": r.get("uid")} for r in meta.get("ownerReferences", [])],
+        },
+        "spec": {"replicas": (deployment.get("spec") or {}).get("replicas", 1)},
+        "status": plain(deployment.get("status") or {}),
+    }
+
+
+@dataclass(frozen=True)
+class ModelChanged:
+    """Reconcile the model in full, from `body` (slim), or from a fresh read when it is None."""
+
+    body: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentChanged:
+    """The model's Deployment moved: fold its rollout progress into the model's status."""
+
+    deployment: Mapping[str, Any]
+
+
+Work = ModelChanged | DeploymentChanged
+
+
+def merge_work(waiting: Work, new: Work) -> Work:
+    """Two pieces of work for one model that has not been worked on yet become one."""
+    if isinstance(waiting, ModelChanged) and isinstance(new, DeploymentChanged):
+        return waiting  # a full reconcile reads the Deployment too
+    return new
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the caller should do next: nothing, or try again after `retry_after` seconds."""
@@ -103,9 +167,25 @@ class Reconciler:
                 self._written_status[owners[0]] = status
             return True
 
+    def handle(self, key: ModelKey, work: Work) -> float | None:
+        """One item of queued work: None when done, else the longest to wait before trying again."""
+        namespace, name = key
+        try:
+            if isinstance(work, DeploymentChanged):
+                if self.observe_deployment(work.deployment):
+                    return None
+                work = ModelChanged()
+            outcome = self.reconcile(work.body) if work.body is not None else self.reconcile_by_name(namespace, name)
+        except KubeError as error:
+            logger.warning("%s/%s: reconcile failed, will retry: %s", namespace, name, error)
+            return API_ERROR_RETRY_S
+        if outcome.retry_after is not None:
+            logger.info("%s/%s: will retry: %s", namespace, name, outcome.message)
+        return outcome.retry_after
+
     def resync(self, namespaces: tuple[str, ...], workers: int = 4) -> tuple[int, int]:
         """Reconcile every model once (the periodic level-based pass): (models seen, not reconciled)."""
-        bodies = [b for ns in (namespaces or (None,)) for b in self.api.list_models(ns)]
+        bodies = [slim_model(b) for ns in (namespaces or (None,)) for b in self.api.list_models(ns)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync") as pool:
             results = list(pool.map(self._resync_one, bodies))
         return len(bodies), results.count(False)
