@@ -53,11 +53,6 @@ def register(
         settings.posting.enabled = False
         # Our own worker threads do the reconciling; kopf's pool runs only the few sync handlers here.
         settings.execution.max_workers = 2
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="phi3.ai")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="phi3.ai", key="last-handled-configuration"
-        )
-        settings.persistence.finalizer = "phi3.ai/finalizer"
         # With fixed namespaces there is nothing to discover, so no need to list namespaces (RBAC).
         settings.scanning.disabled = bool(namespaces)
         settings.watching.server_timeout = 600
@@ -68,13 +63,23 @@ def register(
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     # The reactions below are coroutines that only queue work and return: kopf then need not keep
-    # each object's event and body while the worker threads wait on the API server.
-    @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", field="spec", registry=registry)
-    @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # each object's event and body while the worker threads wait on the API server. They are raw
+    # event handlers, not kopf's create/update/resume handlers: those record their progress in the
+    # object's annotations, a write per change that a level-based reconcile does not need.
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="model-event", registry=registry)
+    async def on_model_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        body = event["object"]
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
         queue: WorkQueue[ModelKey, Work] = memo["queue"]
-        queue.add((body["metadata"]["namespace"], body["metadata"]["name"]), ModelChanged(slim_model(body)))
+        reconciler: Reconciler = memo["reconciler"]
+        if event.get("type") == "DELETED":
+            # Children go with the owner references; only what this process remembers is dropped.
+            queue.forget(key)
+            reconciler.forget(meta["namespace"], meta["name"], meta["uid"])
+        elif not meta.get("deletionTimestamp") and reconciler.needs_reconcile(body):
+            # The first sight of a model (created, or listed at start-up) and each spec change.
+            queue.add(key, ModelChanged(slim_model(body)))
 
     @kopf.on.startup(id="start-workers", registry=registry)
     def start_workers(memo: kopf.Memo, **_: Any) -> None:
@@ -93,18 +98,11 @@ def register(
         memo["resync_stop"].set()
         memo["queue"].stop()
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
-    async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # Children go with the owner references; only what this process remembers needs forgetting.
-        meta = body["metadata"]
-        memo["queue"].forget((meta["namespace"], meta["name"]))
-        memo["reconciler"].forget(meta["namespace"], meta["name"], meta["uid"])
-
     @kopf.on.event("apps", "v1", "deployments", id="child-event",
                    labels={"app.kubernetes.io/managed-by": MANAGED_BY}, registry=registry)
     async def on_deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         # Rollout progress and hand deletions show here first; the initial listing does not need it,
-        # since resume handlers cover every object at start-up.
+        # since every model is reconciled when it is first listed.
         if event.get("type") not in ("MODIFIED", "DELETED"):
             return
         deployment = event["object"]

@@ -132,6 +132,13 @@ class Reconciler:
             self._pruned.discard(uid)
             self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
 
+    def needs_reconcile(self, body: Mapping[str, Any]) -> bool:
+        """False when this process has already written status for the model's current generation:
+        then the event is our own status write, or a change of labels or annotations only."""
+        meta = body["metadata"]
+        written = self._written_status.get(meta["uid"])
+        return written is None or written.get("observedGeneration") != meta.get("generation")
+
     def observe_deployment(self, deployment: Mapping[str, Any]) -> bool:
         """Fold a Deployment's rollout progress into its owner's status without a full reconcile.
 

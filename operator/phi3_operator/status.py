@@ -94,9 +94,12 @@ def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Conditio
     available = int(status.get("availableReplicas", 0))
     updated = int(status.get("updatedReplicas", 0))
     current_generation = status.get("observedGeneration", 0) >= deployment.get("metadata", {}).get("generation", 0)
+    # The message names only what a reader acts on (how many replicas serve), so the controller's
+    # intermediate steps of one rollout do not each cost a status write.
+    in_progress = Condition("Available", "False", "RolloutInProgress",
+                            f"rollout in progress: {available}/{desired} replicas available")
     if not current_generation:
-        return Condition("Available", "False", "RolloutInProgress", "The Deployment controller has not "
-                         "observed the latest spec yet"), desired, ready
+        return in_progress, desired, ready
     if desired == 0:
         return Condition("Available", "True", "ScaledToZero", "The Deployment is scaled to zero"), 0, ready
     if updated >= desired and available >= desired:
@@ -105,8 +108,7 @@ def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Conditio
     for cond in status.get("conditions", []):
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return Condition("Available", "False", "ProgressDeadlineExceeded", cond.get("message", "")), desired, ready
-    return Condition("Available", "False", "RolloutInProgress",
-                     f"{updated}/{desired} replicas updated, {available} available"), desired, ready
+    return in_progress, desired, ready
 
 
 def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) -> dict[str, Any]:

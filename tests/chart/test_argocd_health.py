@@ -13,7 +13,7 @@ from tests.chart.helpers import HEALTH_LUA, TESTDATA_HEALTH, argocd_health
 # (document, Argo CD status, message: the Ready condition's message)
 CASES = [
     ("healthy", "Healthy", "The model is served and all replicas are ready"),
-    ("progressing", "Progressing", "0/1 replicas updated, 0 available"),
+    ("progressing", "Progressing", "rollout in progress: 0/1 replicas available"),
     ("degraded-build-failed", "Degraded", "build job phi3-mini-build-7 failed: pip could not install flash-attn"),
     ("degraded-mlflow-unavailable", "Degraded",
      "MLflow at http://mlflow.mlflow.svc:5000 is unreachable: connection refused"),

@@ -27,7 +27,10 @@ def service_account_token(cluster: Cluster, namespace: str, service_account: str
 
 
 def can_i(as_sa: Cluster, verb: str, resource: str, namespace: str | None) -> bool:
-    args = ["auth", "can-i", verb, resource] + (["-n", namespace] if namespace else ["--all-namespaces"])
+    """`resource` may name a subresource as `plural.group/sub`; `can-i` would read `/sub` as an object name."""
+    resource, _, subresource = resource.partition("/")
+    args = ["auth", "can-i", verb, resource] + (["--subresource", subresource] if subresource else [])
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
     proc = as_sa.kubectl(*args, check=False)
     answer = proc.stdout.strip()
     assert answer in ("yes", "no"), f"kubectl auth can-i {verb} {resource}: {proc.stdout} {proc.stderr}"
@@ -171,6 +174,7 @@ def test_operator_runs_on_the_charts_namespaced_rbac(
             assert can_i(as_sa, verb, resource, namespace), f"{verb} {resource} should be granted"
         refused = [("delete", "deployments.apps", namespace), ("delete", "services", namespace),
                    ("create", "pods", namespace), ("delete", "phi3models.phi3.ai", namespace),
+                   ("patch", "phi3models.phi3.ai", namespace),
                    ("list", "secrets", namespace), ("delete", "configmaps", namespace),
                    ("update", "deployments.apps", namespace), ("get", "secrets", "default"),
                    ("create", "deployments.apps", "default"), ("get", "phi3models.phi3.ai", "default"),

@@ -74,11 +74,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Namespaced RBAC rules: exactly what the operator calls (operator/phi3_operator/k8s.py,
 reconcile.py, handlers.py) plus what kopf needs for the watched resource. */}}
 {{- define "phi3-operator.namespacedRules" -}}
-# The watched resource: kopf lists and watches it and patches its annotations and finalizers;
-# reconcile reads it by name and writes its status.
+# The watched resource: kopf lists and watches it (event handlers only, so it writes no
+# annotations or finalizers); reconcile reads it by name and writes its status.
 - apiGroups: ["phi3.ai"]
   resources: ["phi3models"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["phi3.ai"]
   resources: ["phi3models/status"]
   verbs: ["get", "patch"]
