@@ -37,7 +37,7 @@ def rules_of(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 # Exactly what operator/phi3_operator/{k8s,reconcile,handlers}.py and kopf call, per namespace.
 EXPECTED_NAMESPACED_RULES = {
-    ("phi3.ai", "phi3models"): {"get", "list", "watch", "patch"},
+    ("phi3.ai", "phi3models"): {"get", "list", "watch"},
     ("phi3.ai", "phi3models/status"): {"get", "patch"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
