@@ -251,7 +251,8 @@ class _Pass:
         status = build_status(self.current_status, observed, self.now)
         if status_changed(self.current_status, status):
             self.r.api.patch_status(self.key, status)
-            self.r._written_status[self.owner.uid] = status
+        # Also when nothing was written: the object then already holds it (after a restart, say).
+        self.r._written_status[self.owner.uid] = status
 
     def fail(self, conditions: list[Condition], retry_after: float | None, **extra: Any) -> Outcome:
         self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))
