@@ -168,11 +168,16 @@ class Reconciler:
                 replicas=replicas,
                 ready_replicas=ready,
             )
-            status = build_status(written, observed, self.clock())
-            if status_changed(written, status):
-                self.api.patch_status(ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"]), status)
-                self._written_status[owners[0]] = status
+            key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
+            self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
             return True
+
+    def record_status(self, key: ObjectKey, uid: str, current: Mapping[str, Any], status: dict[str, Any]) -> None:
+        """Write `status` where it differs from `current`, and remember it either way: when nothing
+        was written the object already holds it (after a restart, say)."""
+        if status_changed(current, status):
+            self.api.patch_status(key, status)
+        self._written_status[uid] = status
 
     def handle(self, key: ModelKey, work: Work) -> float | None:
         """One item of queued work: None when done, else the longest to wait before trying again."""
@@ -201,15 +206,7 @@ class Reconciler:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return True
-        try:
-            outcome = self.reconcile(body)
-        except KubeError as error:
-            logger.warning("%s/%s: resync failed: %s", meta["namespace"], meta["name"], error)
-            return False
-        if outcome.retry_after is not None:
-            logger.info("%s/%s: resync: %s", meta["namespace"], meta["name"], outcome.message)
-            return False
-        return True
+        return self.handle((meta["namespace"], meta["name"]), ModelChanged(body)) is None
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
@@ -248,11 +245,8 @@ class _Pass:
                    now=self.now)
 
     def write_status(self, observed: ObservedState) -> None:
-        status = build_status(self.current_status, observed, self.now)
-        if status_changed(self.current_status, status):
-            self.r.api.patch_status(self.key, status)
-        # Also when nothing was written: the object then already holds it (after a restart, say).
-        self.r._written_status[self.owner.uid] = status
+        self.r.record_status(self.key, self.owner.uid, self.current_status,
+                             build_status(self.current_status, observed, self.now))
 
     def fail(self, conditions: list[Condition], retry_after: float | None, **extra: Any) -> Outcome:
         self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))

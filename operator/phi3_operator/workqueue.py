@@ -39,7 +39,6 @@ class WorkQueue(Generic[K, V]):
         self._handler = handler
         self._merge = merge
         self._workers = workers
-        self._clock = time.monotonic
         self._name = name
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
@@ -69,7 +68,7 @@ class WorkQueue(Generic[K, V]):
 
     def add(self, key: K, item: V, delay_s: float = 0.0) -> None:
         with self._cond:
-            self._put(key, item, self._clock() + delay_s)
+            self._put(key, item, time.monotonic() + delay_s)
 
     def forget(self, key: K) -> None:
         with self._cond:
@@ -97,7 +96,7 @@ class WorkQueue(Generic[K, V]):
     def _take(self) -> tuple[K, V] | None:
         with self._cond:
             while not self._stopped:
-                now = self._clock()
+                now = time.monotonic()
                 while self._heap:
                     due, _, key = self._heap[0]
                     if self._due.get(key) != due or key in self._active:
@@ -126,7 +125,7 @@ class WorkQueue(Generic[K, V]):
                 heapq.heappush(self._heap, (self._due[key], next(self._order), key))
                 self._cond.notify()
             elif retry_ceiling is not None:
-                self._put(key, item, self._clock() + backoff_s(self._failures[key], retry_ceiling,
+                self._put(key, item, time.monotonic() + backoff_s(self._failures[key], retry_ceiling,
                                                              self._retry_base_s, self._retry_cap_s))
 
     def _run(self) -> None:
