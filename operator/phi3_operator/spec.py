@@ -64,6 +64,12 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Serving:
+    # None leaves the batch size to the engine, which knows its hardware's default.
+    max_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     type: str = "ClusterIP"
     port: int = 8080
@@ -80,6 +86,7 @@ class Phi3ModelSpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     generation: Generation = Generation()
     service: ServiceSpec = ServiceSpec()
+    serving: Serving = Serving()
 
 
 def _int(raw: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
@@ -146,6 +153,12 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
         temperature=float(gen_raw.get("temperature", 0.2)),
         top_p=float(gen_raw.get("topP", 1.0)),
     )
+    serving_raw = raw.get("serving") or {}
+    max_batch = serving_raw.get("maxBatchSize")
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool)
+                                  or not 1 <= max_batch <= 256):
+        raise SpecError(f"spec.serving.maxBatchSize must be an integer from 1 to 256, got {max_batch!r}")
+    serving = Serving(max_batch_size=max_batch)
     svc_raw = raw.get("service") or {}
     service = ServiceSpec(type=svc_raw.get("type", "ClusterIP"), port=_int(svc_raw, "port", 8080, 1))
 
@@ -159,4 +172,5 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
         resources=dict(raw.get("resources") or {}),
         generation=generation,
         service=service,
+        serving=serving,
     )

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from phi3_operator.builders import BuildContext, Owner, build_children
-from phi3_operator.spec import parse_spec
+from phi3_operator.spec import SpecError, parse_spec
 
 OWNER = Owner(name="phi3-mini", namespace="llm", uid="uid-1")
 
@@ -108,3 +108,20 @@ def test_service_ports() -> None:
 
 def test_builders_are_deterministic() -> None:
     assert build_children(context()) == build_children(context())
+
+
+def runtime_env(ctx: BuildContext) -> dict[str, str]:
+    runtime = build_children(ctx)[0]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in runtime["env"]}
+
+
+def test_max_batch_size_reaches_the_runtime_only_when_set() -> None:
+    assert runtime_env(context(serving={"maxBatchSize": 16}))["PHI3_MAX_BATCH_SIZE"] == "16"
+    # Unset: the engine picks its own default, and existing Deployments keep their template.
+    assert "PHI3_MAX_BATCH_SIZE" not in runtime_env(context())
+
+
+@pytest.mark.parametrize("value", [0, 257, "8", True])
+def test_max_batch_size_out_of_range_is_a_spec_error(value: object) -> None:
+    with pytest.raises(SpecError, match="maxBatchSize"):
+        context(serving={"maxBatchSize": value})

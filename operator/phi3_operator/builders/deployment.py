@@ -45,7 +45,7 @@ def runtime_resources(ctx: BuildContext) -> dict[str, Any]:
 
 def env_vars(ctx: BuildContext) -> list[dict[str, Any]]:
     gen = ctx.spec.generation
-    return [
+    env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "MLFLOW_TRACKING_URI", "value": ctx.tracking_uri},
         {"name": "PHI3_MODEL_NAME", "value": ctx.owner.name},
@@ -54,6 +54,10 @@ def env_vars(ctx: BuildContext) -> list[dict[str, Any]]:
         {"name": "PHI3_TEMPERATURE", "value": str(gen.temperature)},
         {"name": "PHI3_TOP_P", "value": str(gen.top_p)},
     ]
+    # Only when set: an unset field must not change (and so roll) existing Deployments.
+    if ctx.spec.serving.max_batch_size is not None:
+        env.append({"name": "PHI3_MAX_BATCH_SIZE", "value": str(ctx.spec.serving.max_batch_size)})
+    return env
 
 
 def credentials_env_from(ctx: BuildContext) -> list[dict[str, Any]]:
