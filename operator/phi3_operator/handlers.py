@@ -27,18 +27,29 @@ GROUP, VERSION, PLURAL = "phi3.ai", "v1alpha1", "phi3models"
 logger = logging.getLogger(__name__)
 
 
-def resync_loop(reconciler: Reconciler, namespaces: tuple[str, ...], stop: threading.Event, interval_s: float) -> None:
-    """Every `interval_s`, reconcile every model: drift is repaired and alias moves are seen."""
+def resync_loop(reconciler: Reconciler, queue: WorkQueue[ModelKey, Work], namespaces: tuple[str, ...],
+                stop: threading.Event, interval_s: float) -> None:
+    """Every `interval_s`, put every model on the work queue: drift is repaired and alias moves are seen.
+
+    Only listing happens here; the reconciles run on the queue's workers like any other work, so one
+    model's failure is that model's backoff and nothing else's.
+    """
     while not stop.wait(interval_s):
         started = time.monotonic()
+        seen = 0
         try:
-            seen, failing = reconciler.resync(namespaces)
-        except Exception:  # the loop must outlive any one failure; kopf's handlers still run
-            logger.exception("resync pass failed")
+            for namespace in namespaces or (None,):
+                for body in reconciler.api.list_models(namespace):
+                    meta = body["metadata"]
+                    if not meta.get("deletionTimestamp"):
+                        queue.add((meta["namespace"], meta["name"]), ModelChanged(slim_model(body)))
+                        seen += 1
+        except Exception:  # the loop must outlive any one failure; the next pass lists again
+            logger.exception("resync listing failed after %d models", seen)
             continue
         elapsed = time.monotonic() - started
         reconciler.metrics.resynced(seen, elapsed)
-        logger.info("resync: %d models in %.1fs, %d not reconciled yet", seen, elapsed, failing)
+        logger.info("resync: %d models queued in %.1fs, %d waiting", seen, elapsed, queue.waiting())
 
 
 def register(
@@ -76,7 +87,7 @@ def register(
         if event.get("type") == "DELETED":
             # Children go with the owner references; only what this process remembers is dropped.
             queue.forget(key)
-            reconciler.forget(meta["namespace"], meta["name"], meta["uid"])
+            reconciler.forget(meta["uid"])
         elif not meta.get("deletionTimestamp") and reconciler.needs_reconcile(body):
             # The first sight of a model (created, or listed at start-up) and each spec change.
             queue.add(key, ModelChanged(slim_model(body)))
@@ -87,7 +98,7 @@ def register(
         # costs a task and its state for each of thousands of models.
         memo["queue"].start()
         stop = threading.Event()
-        thread = threading.Thread(target=resync_loop, args=(memo["reconciler"], namespaces, stop,
+        thread = threading.Thread(target=resync_loop, args=(memo["reconciler"], memo["queue"], namespaces, stop,
                                                             operator_settings.resync_interval_s),
                                   name="resync", daemon=True)
         memo["resync_stop"] = stop

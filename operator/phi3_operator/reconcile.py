@@ -1,11 +1,15 @@
-"""One level-based reconcile for a Phi3Model, shared by create, update, resume, timer and child events."""
+"""One level-based reconcile for a Phi3Model, for every reaction: model events, Deployment events, resync.
+
+Like controller-runtime's Reconcile, a pass returns when to look again for planned waits (a running
+build, a model serving its last version while MLflow is away) and raises for failures; only failures
+back off. Every failure is written to the status first, so it is visible as a condition.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +23,17 @@ from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
 from phi3_operator.status import (
+    REASONS,
     Condition,
     ObservedState,
     build_status,
     deployment_available,
     endpoint_urls,
+    failure_status,
     now_rfc3339,
     status_changed,
 )
+from phi3_operator.workqueue import Retry
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,8 @@ OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1"
 
 ModelKey = tuple[str, str]  # (namespace, name)
 API_ERROR_RETRY_S = 60.0
+MESSAGE_LIMIT = 512
+URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 def plain(value: Any) -> Any:
@@ -100,10 +109,34 @@ def merge_work(waiting: Work, new: Work) -> Work:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the caller should do next: nothing, or try again after `retry_after` seconds."""
+    """A pass that did what it could: done, or look again after `requeue_after` seconds (a planned
+    wait, not a failure: no backoff)."""
 
-    retry_after: float | None = None
+    requeue_after: float | None = None
     message: str = ""
+
+
+class ReconcileFailed(Retry):
+    """The pass failed and its status says so; retry with backoff, at most `ceiling_s` apart."""
+
+
+def secret_free(message: str, secrets: Iterable[str] = ()) -> str:
+    """A message fit for a condition and an Event: no userinfo in URLs, no credential value, bounded."""
+    message = URL_USERINFO.sub(r"\1***@", message)
+    for value in secrets:
+        if len(value) >= 4:  # shorter values would blank out ordinary words
+            message = message.replace(value, "***")
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
+
+
+def api_failure(error: KubeError) -> Condition:
+    """The Ready condition for an API request that failed; the API server's message names the verb and
+    resource (for 403) or the field (for 422)."""
+    if error.status == 403:
+        return Condition("Ready", "False", "PermissionDenied", f"forbidden: {error.message}")
+    if error.status in (400, 422):
+        return Condition("Ready", "False", "ChildRejected", f"{error.status} {error.reason}: {error.message}")
+    return Condition("Ready", "False", "KubernetesApiError", f"{error.status} {error.reason}: {error.message}")
 
 
 @dataclass
@@ -113,24 +146,16 @@ class Reconciler:
     resolver: Resolver
     clock: Callable[[], str] = now_rfc3339
     metrics: Metrics = field(default_factory=Metrics)
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     # The status this operator last wrote, per object uid. Reactions queued before that write
     # carry an older body; reconciling from the stale status would repeat the write and its Event.
     _written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     _optional_children: set[tuple[str, str]] = field(default_factory=set)
     _pruned: set[str] = field(default_factory=set)
 
-    def _lock_for(self, namespace: str, name: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
-
-    def forget(self, namespace: str, name: str, uid: str) -> None:
-        with self._locks_guard:
-            self._locks.pop((namespace, name), None)
-            self._written_status.pop(uid, None)
-            self._pruned.discard(uid)
-            self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
+    def forget(self, uid: str) -> None:
+        self._written_status.pop(uid, None)
+        self._pruned.discard(uid)
+        self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
 
     def needs_reconcile(self, body: Mapping[str, Any]) -> bool:
         """False when this process has already written status for the model's current generation:
@@ -149,28 +174,27 @@ class Reconciler:
         owners = [ref["uid"] for ref in meta.get("ownerReferences", []) if ref.get("kind") == KIND]
         if not owners:
             return True
-        with self._lock_for(meta["namespace"], meta["name"]):
-            written = self._written_status.get(owners[0])
-            if written is None:
-                return False
-            available, replicas, ready = deployment_available(deployment)
-            kept = [
-                Condition(c["type"], c["status"], c["reason"], c["message"])
-                for c in written.get("conditions", [])
-                if c["type"] not in ("Available", "Ready")
-            ]
-            observed = ObservedState(
-                generation=int(written.get("observedGeneration", 1)),
-                conditions=[*kept, available],
-                model=written.get("model", {}),
-                image=str(written.get("image", "")),
-                endpoint=written.get("endpoint", {}),
-                replicas=replicas,
-                ready_replicas=ready,
-            )
-            key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
-            self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
-            return True
+        written = self._written_status.get(owners[0])
+        if written is None or not _reconciled_cleanly(written):
+            return False
+        available, replicas, ready = deployment_available(deployment)
+        kept = [
+            Condition(c["type"], c["status"], c["reason"], c["message"])
+            for c in written.get("conditions", [])
+            if c["type"] in ("ModelResolved", "ImageReady")
+        ]
+        observed = ObservedState(
+            generation=int(written.get("observedGeneration", 1)),
+            conditions=[*kept, available],
+            model=written.get("model", {}),
+            image=str(written.get("image", "")),
+            endpoint=written.get("endpoint", {}),
+            replicas=replicas,
+            ready_replicas=ready,
+        )
+        key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
+        self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
+        return True
 
     def record_status(self, key: ObjectKey, uid: str, current: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Write `status` where it differs from `current`, and remember it either way: when nothing
@@ -180,33 +204,19 @@ class Reconciler:
         self._written_status[uid] = status
 
     def handle(self, key: ModelKey, work: Work) -> float | None:
-        """One item of queued work: None when done, else the longest to wait before trying again."""
+        """One item of queued work: None when done, else seconds until a planned look again.
+
+        Raises (a Retry, or whatever the pass raised) when the work failed: the queue backs off.
+        """
         namespace, name = key
-        try:
-            if isinstance(work, DeploymentChanged):
-                if self.observe_deployment(work.deployment):
-                    return None
-                work = ModelChanged()
-            outcome = self.reconcile(work.body) if work.body is not None else self.reconcile_by_name(namespace, name)
-        except KubeError as error:
-            logger.warning("%s/%s: reconcile failed, will retry: %s", namespace, name, error)
-            return API_ERROR_RETRY_S
-        if outcome.retry_after is not None:
-            logger.info("%s/%s: will retry: %s", namespace, name, outcome.message)
-        return outcome.retry_after
-
-    def resync(self, namespaces: tuple[str, ...], workers: int = 4) -> tuple[int, int]:
-        """Reconcile every model once (the periodic level-based pass): (models seen, not reconciled)."""
-        bodies = [slim_model(b) for ns in (namespaces or (None,)) for b in self.api.list_models(ns)]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync") as pool:
-            results = list(pool.map(self._resync_one, bodies))
-        return len(bodies), results.count(False)
-
-    def _resync_one(self, body: Mapping[str, Any]) -> bool:
-        meta = body["metadata"]
-        if meta.get("deletionTimestamp"):
-            return True
-        return self.handle((meta["namespace"], meta["name"]), ModelChanged(body)) is None
+        if isinstance(work, DeploymentChanged):
+            if self.observe_deployment(work.deployment):
+                return None
+            work = ModelChanged()
+        outcome = self.reconcile(work.body) if work.body is not None else self.reconcile_by_name(namespace, name)
+        if outcome.requeue_after is not None:
+            logger.info("%s/%s: looking again in %.0fs: %s", namespace, name, outcome.requeue_after, outcome.message)
+        return outcome.requeue_after
 
     def reconcile_by_name(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(ObjectKey(API_VERSION, KIND, namespace, name))
@@ -215,15 +225,24 @@ class Reconciler:
         return self.reconcile(body)
 
     def reconcile(self, body: Mapping[str, Any]) -> Outcome:
-        meta = body["metadata"]
-        with self._lock_for(meta["namespace"], meta["name"]):
-            try:
-                outcome = _Pass(self, body).run()
-            except Exception:
-                self.metrics.reconciled("error")
-                raise
-        self.metrics.reconciled("ok" if outcome.retry_after is None else "retry")
+        """One pass over one model. The work queue guarantees no two passes for one model at once."""
+        try:
+            outcome = _Pass(self, body).run()
+        except Exception:
+            self.metrics.reconciled("error")
+            raise
+        self.metrics.reconciled("ok" if outcome.requeue_after is None else "requeue")
         return outcome
+
+
+def _reconciled_cleanly(status: Mapping[str, Any]) -> bool:
+    """False when the last pass failed part-way (Ready carries a failure of the pass itself):
+    then only a full reconcile may clear it, not a Deployment's progress."""
+    for condition in status.get("conditions", []):
+        if condition.get("type") == "Ready" and condition.get("status") != "True":
+            known = REASONS.get(str(condition.get("reason")))
+            return known is None or known.condition != "Ready"
+    return True
 
 
 class _Pass:
@@ -238,6 +257,7 @@ class _Pass:
         self.raw_spec = body.get("spec") or {}
         self.current_status: Mapping[str, Any] = reconciler._written_status.get(meta["uid"]) or body.get("status") or {}
         self.now = reconciler.clock()
+        self.secrets: tuple[str, ...] = ()  # credential values, kept out of every message
 
     def event(self, event_type: str, reason: str, message: str) -> None:
         logger.info("%s/%s: %s: %s", self.owner.namespace, self.owner.name, reason, message)
@@ -248,55 +268,96 @@ class _Pass:
         self.r.record_status(self.key, self.owner.uid, self.current_status,
                              build_status(self.current_status, observed, self.now))
 
-    def fail(self, conditions: list[Condition], retry_after: float | None, **extra: Any) -> Outcome:
-        self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))
-        failing = next(c for c in conditions if c.status != "True")
+    def warn_once(self, failing: Condition) -> None:
+        """A Warning Event when this failure is new: not one per retry of the same failure."""
         previously = {c.get("type"): c for c in self.current_status.get("conditions", [])}
         before = previously.get(failing.type, {})
-        changed = before.get("reason") != failing.reason or before.get("status") != failing.status
-        if changed and failing.reason != "Building":  # a build start has its own Normal event
+        if before.get("reason") != failing.reason or before.get("status") != failing.status:
             self.event("Warning", failing.reason, failing.message)
-        return Outcome(retry_after=retry_after, message=failing.message)
+
+    def fail(self, conditions: list[Condition], **extra: Any) -> Condition:
+        """Write a status in which a condition failed; returns the failing one."""
+        self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))
+        failing = next(c for c in conditions if c.status != "True")
+        if failing.reason != "Building":  # a build start has its own Normal event
+            self.warn_once(failing)
+        return failing
 
     def run(self) -> Outcome:
+        """The pass; a failure that is not a condition yet (an API error, an unexpected exception)
+        becomes one on Ready, with one Warning Event, and is raised on for the queue to back off."""
+        try:
+            return self.steps()
+        except ReconcileFailed:
+            raise
+        except KubeError as error:
+            failure, ceiling = api_failure(error), API_ERROR_RETRY_S
+            logger.warning("%s/%s: %s", self.owner.namespace, self.owner.name, error)
+            cause: Exception = error
+        except Exception as error:  # a malformed MLflow answer, a bug: visible, then retried
+            message = f"reconcile failed: {type(error).__name__}: {error}"
+            failure = Condition("Ready", "False", "ReconcileError", message)
+            ceiling = self.r.settings.model_refresh_interval_s
+            cause = error
+            if self.new_failure(failure):  # the traceback once, not once per retry
+                logger.exception("%s/%s: reconcile failed", self.owner.namespace, self.owner.name)
+        failure = Condition(failure.type, failure.status, failure.reason, secret_free(failure.message, self.secrets))
+        self.report(failure)
+        raise ReconcileFailed(failure.message, ceiling_s=ceiling) from cause
+
+    def new_failure(self, failure: Condition) -> bool:
+        ready = {c.get("type"): c for c in self.current_status.get("conditions", [])}.get("Ready", {})
+        return bool(ready.get("reason") != failure.reason)
+
+    def report(self, failure: Condition) -> None:
+        """Put a failure of the pass on the status, keeping what was last known; when even that
+        write fails, the log is all that is left."""
+        try:
+            self.r.record_status(self.key, self.owner.uid, self.current_status,
+                                 failure_status(self.current_status, self.generation, failure, self.now))
+        except KubeError as error:
+            logger.warning("%s/%s: could not record %s in the status: %s", self.owner.namespace, self.owner.name,
+                           failure.reason, error)
+            return
+        self.warn_once(failure)
+
+    def steps(self) -> Outcome:
         try:
             spec = parse_spec(self.raw_spec)
         except SpecError as error:
-            return self.fail([Condition("ModelResolved", "False", "InvalidSpec", str(error))], retry_after=None)
+            failing = self.fail([Condition("ModelResolved", "False", "InvalidSpec", str(error))])
+            return Outcome(message=failing.message)  # terminal: a spec change brings it back
 
         tracking_uri = spec.model.tracking_uri or self.r.settings.default_tracking_uri
         conditions: list[Condition] = []
+        refresh_s = self.r.settings.model_refresh_interval_s
         try:
-            credentials = (
-                self.r.api.read_secret(self.owner.namespace, spec.model.credentials_secret)
-                if spec.model.credentials_secret
-                else {}
-            )
+            credentials = self.credentials(spec)
+            self.secrets = tuple(credentials.values())
             model = self.r.resolver.resolve(tracking_uri, spec.model.uri, credentials)
             conditions.append(Condition("ModelResolved", "True", "Resolved", f"{spec.model.uri} is {model.uri}"))
-        except (ResolveError, KubeError) as error:
-            reason = error.reason if isinstance(error, ResolveError) else "CredentialsUnavailable"
-            retryable = error.retryable if isinstance(error, ResolveError) else True
+        except ResolveError as error:
             previous = self.current_status.get("model") or {}
+            message = secret_free(error.message, self.secrets)
             if not previous.get("resolvedUri") or previous.get("requestedUri") != spec.model.uri:
-                return self.fail(
-                    [Condition("ModelResolved", "False", reason, error.message)],
-                    retry_after=self.r.settings.model_refresh_interval_s if retryable else None,
-                )
+                failing = self.fail([Condition("ModelResolved", "False", error.reason, message)])
+                if error.retryable:  # nothing serves yet: a failure, so back off
+                    raise ReconcileFailed(failing.message, ceiling_s=refresh_s) from None
+                return Outcome(message=failing.message)
             # An outage never tears down what serves: keep the last resolved version.
             model = ResolvedModel.from_status(previous)
             conditions.append(
-                Condition("ModelResolved", "False", reason, f"{error.message}; still serving {model.uri}")
+                Condition("ModelResolved", "False", error.reason, f"{message}; still serving {model.uri}")
             )
 
         try:
             decision = select_image(spec, model, self.r.settings)
         except NoCompatibleImage as error:
-            return self.fail(
+            failing = self.fail(
                 [*conditions, Condition("ImageReady", "False", "NoCompatibleImage", error.message)],
-                retry_after=None,
                 model=model.as_status(spec.model.uri),
             )
+            return Outcome(message=failing.message)
         image = decision.image
         if decision.source == "Build":
             built, image_condition, retry_after = self.ensure_build(spec, model, decision)
@@ -334,7 +395,19 @@ class _Pass:
         resolution = conditions[0]
         if resolution.status == "True":
             return Outcome()
-        return Outcome(retry_after=self.r.settings.model_refresh_interval_s, message=resolution.message)
+        self.warn_once(resolution)
+        # Serving the last resolved version while resolution fails is a planned wait, not a failure.
+        return Outcome(requeue_after=refresh_s, message=resolution.message)
+
+    def credentials(self, spec: Phi3ModelSpec) -> dict[str, str]:
+        if not spec.model.credentials_secret:
+            return {}
+        try:
+            return self.r.api.read_secret(self.owner.namespace, spec.model.credentials_secret)
+        except KubeError as error:
+            if error.status not in (403, 404):
+                raise
+            raise ResolveError("CredentialsUnavailable", error.message, retryable=True) from None
 
     def ensure_build(
         self, spec: Phi3ModelSpec, model: ResolvedModel, decision: ImageDecision
@@ -378,23 +451,24 @@ class _Pass:
         live = self.r.api.get(ObjectKey("apps/v1", "Deployment", self.owner.namespace, self.owner.name))
         available, replicas, ready = deployment_available(live)
         previous_image = str(self.current_status.get("image", "")) if live is not None else ""
-        return self.fail(
+        failing = self.fail(
             [*conditions, image_condition, available],
-            retry_after=retry_after,
             model=model_status,
             image=previous_image,
             replicas=replicas,
             ready_replicas=ready,
-            building=image_condition.reason == "Building",
         )
+        # A running build is polled (a planned wait); a failed one waits for a person.
+        return Outcome(requeue_after=retry_after, message=failing.message)
 
     def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
         deployment: dict[str, Any] | None = None
         deployment_was_new = False
         applied = []
         desired = build_children(ctx)
-        # A model this operator has never written status for is new: its children cannot exist yet.
-        brand_new = not self.current_status
+        # A model that no operator has written status for is new: its children cannot exist yet. (The
+        # CRD defaults status.observedGeneration to 0 before that, hence conditions, not status.)
+        brand_new = not self.current_status.get("conditions")
         for manifest in desired:
             live, change = self.r.api.apply_if_changed(manifest, known_absent=brand_new)
             if change != "unchanged":

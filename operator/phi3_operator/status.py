@@ -1,4 +1,9 @@
-"""Conditions and status, following the Kubernetes API conventions (and so kstatus, Flux, Argo CD)."""
+"""Conditions and status, following the Kubernetes API conventions (and so kstatus, Flux, Argo CD).
+
+`REASONS` is the one table of condition reasons. It decides the phase, kstatus's `Reconciling` and
+`Stalled` conditions, the Argo CD health check (charts/phi3-operator/argocd/health.lua) and the
+README's troubleshooting table; tests/unit/test_reasons.py holds the last two to it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,82 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("ModelResolved", "ImageReady", "Available", "Ready")
+CONDITION_TYPES = ("ModelResolved", "ImageReady", "Available", "Ready", "Reconciling", "Stalled")
+
+# ok: all is well. progressing: planned work under way. transient: a failure that is retried with
+# backoff and may clear by itself. terminal: a failure that waiting will not fix; a person must act.
+ReasonKind = Literal["ok", "progressing", "transient", "terminal"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    name: str
+    condition: str  # the condition type that carries it; "Ready" for failures of the reconcile itself
+    kind: ReasonKind
+    phase: str
+    help: str = ""  # cause and fix, for the README's troubleshooting table
+
+
+REASON_TABLE: tuple[Reason, ...] = (
+    Reason("Resolved", "ModelResolved", "ok", "Ready"),
+    Reason("InvalidSpec", "ModelResolved", "terminal", "Failed",
+           "a spec the CRD let through but the operator cannot act on (an old CRD?): "
+           "`kubectl apply --server-side -f crds/`, then fix the field the message names"),
+    Reason("MLflowUnavailable", "ModelResolved", "transient", "Pending",
+           "the tracking server is down, unreachable from the operator or answered 5xx; retried with backoff, "
+           "and the last resolved version keeps serving"),
+    Reason("MLflowAccessDenied", "ModelResolved", "terminal", "Failed",
+           "MLflow refused the credentials (HTTP 401/403): fix the Secret in `model.credentialsSecretRef`; "
+           "it is tried again every model refresh interval"),
+    Reason("CredentialsUnavailable", "ModelResolved", "terminal", "Failed",
+           "the Secret in `model.credentialsSecretRef` does not exist in the model's namespace, or the "
+           "operator may not read it"),
+    Reason("ModelNotFound", "ModelResolved", "terminal", "Failed",
+           "the name, version or alias does not exist in that registry: `mlflow models` / the MLflow UI"),
+    Reason("InvalidModel", "ModelResolved", "terminal", "Failed",
+           "the URI points at something without an `MLmodel` file, or one the operator cannot read"),
+    Reason("Catalog", "ImageReady", "ok", "Ready"),
+    Reason("Override", "ImageReady", "ok", "Ready"),
+    Reason("Built", "ImageReady", "ok", "Ready"),
+    Reason("Building", "ImageReady", "progressing", "Building",
+           "an image with the model's requirements is being built by a Job; the old Deployment keeps serving"),
+    Reason("NoCompatibleImage", "ImageReady", "terminal", "Failed",
+           "the model needs packages no catalog image has and `image.policy` is Prebuilt: set "
+           "`image.override`, extend the chart's `config.imageCatalog`, or allow a build"),
+    Reason("RegistryRequired", "ImageReady", "terminal", "Failed",
+           "the model needs a build but `image.registry` is empty: set it (and `image.pushSecretRef`)"),
+    Reason("BuildFailed", "ImageReady", "terminal", "Failed",
+           "the build Job failed: `kubectl logs job/<name>` (the message names it); delete the Job to retry"),
+    Reason("MinimumReplicasAvailable", "Available", "ok", "Ready"),
+    Reason("ScaledToZero", "Available", "ok", "Ready"),
+    Reason("DeploymentMissing", "Available", "progressing", "Deploying",
+           "the Deployment is not there yet (or was deleted by hand); the next reconcile creates it"),
+    Reason("RolloutInProgress", "Available", "progressing", "Deploying",
+           "pods are starting or being replaced; the message counts available replicas"),
+    Reason("ProgressDeadlineExceeded", "Available", "terminal", "Failed",
+           "the rollout stalled (image pull, crash loop, no node fits): `kubectl describe deployment <name>` "
+           "and the pods' events"),
+    Reason("Ready", "Ready", "ok", "Ready"),
+    Reason("ReconcileError", "Ready", "transient", "Pending",
+           "the reconcile raised an unexpected error (the message names it, e.g. a malformed MLflow answer); "
+           "retried with backoff; the operator log has the traceback"),
+    Reason("KubernetesApiError", "Ready", "transient", "Pending",
+           "the API server refused or failed a request (throttling, timeout, conflict, 5xx); retried with backoff"),
+    Reason("PermissionDenied", "Ready", "terminal", "Failed",
+           "the operator's RBAC lacks a verb; the message names the verb and resource: reinstall the chart "
+           "or restore its ClusterRole"),
+    Reason("ChildRejected", "Ready", "terminal", "Failed",
+           "the API server rejected an object built from the spec (e.g. a malformed resource quantity or "
+           "label): fix the field the message quotes"),
+)
+REASONS: Mapping[str, Reason] = {reason.name: reason for reason in REASON_TABLE}
+TERMINAL_REASONS = frozenset(r.name for r in REASON_TABLE if r.kind == "terminal")
+
+
+def reason_kind(reason: str) -> ReasonKind:
+    """A reason missing from the table is treated as work in progress, never as success."""
+    known = REASONS.get(reason)
+    return known.kind if known is not None else "progressing"
 
 
 @dataclass(frozen=True)
@@ -30,7 +110,8 @@ class ObservedState:
     endpoint: Mapping[str, str] = field(default_factory=dict)
     replicas: int = 0
     ready_replicas: int = 0
-    building: bool = False
+    # The reconcile itself failed: Ready carries this instead of the conjunction of the others.
+    failure: Condition | None = None
 
 
 def now_rfc3339() -> str:
@@ -59,28 +140,42 @@ def merge_conditions(
     return merged
 
 
+def _failing(conditions: Sequence[Condition]) -> list[Condition]:
+    """The conditions that are not True, a terminal one first: it is what a person must act on."""
+    failing = [c for c in conditions if c.status != "True"]
+    return sorted(failing, key=lambda c: reason_kind(c.reason) != "terminal")
+
+
 def ready_condition(conditions: Sequence[Condition]) -> Condition:
-    """Ready is the conjunction of the others; its reason is the first one that is not True."""
-    for condition in conditions:
-        if condition.status != "True":
-            return Condition("Ready", "False", condition.reason, condition.message)
+    """Ready is the conjunction of the others; its reason is a terminal failure's, else the first not True."""
+    failing = _failing(conditions)
+    if failing:
+        return Condition("Ready", "False", failing[0].reason, failing[0].message)
     return Condition("Ready", "True", "Ready", "The model is served and all replicas are ready")
 
 
-def phase_of(conditions: Sequence[Condition], building: bool) -> str:
-    by_type = {c.type: c for c in conditions}
-    if all(c.status == "True" for c in conditions):
+def phase_of(conditions: Sequence[Condition]) -> str:
+    failing = _failing(conditions)
+    if not failing:
         return "Ready"
-    failed_reasons = {"InvalidSpec", "ModelNotFound", "NoCompatibleImage", "BuildFailed", "InvalidModel",
-                      "RegistryRequired"}
-    if any(c.status == "False" and c.reason in failed_reasons for c in conditions):
-        return "Failed"
-    resolved = by_type.get("ModelResolved")
-    if resolved is not None and resolved.status != "True":
-        return "Resolving" if resolved.reason != "MLflowUnavailable" else "Pending"
-    if building:
-        return "Building"
-    return "Deploying"
+    known = REASONS.get(failing[0].reason)
+    if known is None or known.kind == "ok":
+        return "Deploying"
+    return known.phase
+
+
+def kstatus_conditions(conditions: Sequence[Condition]) -> list[Condition]:
+    """kstatus's abnormal-true pair: Stalled for a terminal failure, Reconciling for anything else
+    not yet Ready. Flux and cli-utils read Failed, InProgress and Current from these."""
+    failing = _failing(conditions)
+    if not failing:
+        return [Condition("Reconciling", "False", "Ready", ""), Condition("Stalled", "False", "Ready", "")]
+    first = failing[0]
+    stalled = reason_kind(first.reason) == "terminal"
+    return [
+        Condition("Reconciling", "False" if stalled else "True", first.reason, "" if stalled else first.message),
+        Condition("Stalled", "True" if stalled else "False", first.reason, first.message if stalled else ""),
+    ]
 
 
 def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Condition, int, int]:
@@ -112,10 +207,12 @@ def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Conditio
 
 
 def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) -> dict[str, Any]:
-    conditions = [*observed.conditions, ready_condition(observed.conditions)]
+    ready = observed.failure or ready_condition(observed.conditions)
+    judged = [*observed.conditions, ready]
+    conditions = [*judged, *kstatus_conditions(judged)]
     status: dict[str, Any] = {
         "observedGeneration": observed.generation,
-        "phase": phase_of(observed.conditions, observed.building),
+        "phase": phase_of(judged),
         "conditions": merge_conditions(current.get("conditions", []), conditions, observed.generation, now),
         "replicas": observed.replicas,
         "readyReplicas": observed.ready_replicas,
@@ -129,6 +226,28 @@ def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) 
     if observed.endpoint:
         status["endpoint"] = dict(observed.endpoint)
     return status
+
+
+def failure_status(current: Mapping[str, Any], generation: int, failure: Condition, now: str) -> dict[str, Any]:
+    """The status after a reconcile that failed part-way: what was last known stays, Ready and the
+    kstatus pair carry the failure. observedGeneration moves on, so that kstatus reads the failure
+    (Stalled) rather than a generation not yet observed."""
+    kept = [
+        Condition(c["type"], c["status"], c.get("reason", ""), c.get("message", ""))
+        for c in current.get("conditions", [])
+        if c.get("type") in ("ModelResolved", "ImageReady", "Available")
+    ]
+    observed = ObservedState(
+        generation=generation,
+        conditions=kept,
+        model=current.get("model") or {},
+        image=str(current.get("image", "")),
+        endpoint=current.get("endpoint") or {},
+        replicas=int(current.get("replicas", 0)),
+        ready_replicas=int(current.get("readyReplicas", 0)),
+        failure=failure,
+    )
+    return build_status(current, observed, now)
 
 
 def status_changed(current: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -1,8 +1,11 @@
 """A keyed work queue with coalescing and per-key backoff, drained by a fixed set of threads.
 
-This is the shape of controller-runtime's workqueue. kopf's handlers only put work here and return,
-so kopf does not hold every object's event, body and cause while the API server is busy; what waits
-is one small item per object, and a burst of events for one object is worked on once.
+This is the shape of controller-runtime's workqueue. kopf's handlers and the periodic resync only put
+work here and return, so kopf does not hold every object's event, body and cause while the API server
+is busy; what waits is one small item per object, and a burst of events for one object is worked on once.
+
+A handler returns None when done, or seconds until a planned look again (no backoff); it raises when
+the work failed, and only then does the key back off.
 """
 
 from __future__ import annotations
@@ -20,9 +23,18 @@ logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-# Returns None when the work is done, else the longest it may wait before the next try.
+# Returns None when the work is done, else seconds until it is to be looked at again.
 Handler = Callable[[K, V], "float | None"]
 Merge = Callable[[V, V], V]
+
+
+class Retry(Exception):
+    """A failure the handler has already reported: retried with backoff, at most `ceiling_s` apart,
+    and logged in one line (other exceptions are logged with their traceback)."""
+
+    def __init__(self, message: str, ceiling_s: float = float("inf")) -> None:
+        super().__init__(message)
+        self.ceiling_s = ceiling_s
 
 
 def backoff_s(failures: int, ceiling: float, base: float = 5.0, cap: float = 300.0) -> float:
@@ -111,30 +123,36 @@ class WorkQueue(Generic[K, V]):
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
             return None
 
-    def _done(self, key: K, item: V, retry_ceiling: float | None) -> None:
+    def _done(self, key: K, item: V, requeue_after: float | None, failed_ceiling: float | None) -> None:
         with self._cond:
             self._active.discard(key)
             if key in self._forgotten:
                 self._forgotten.discard(key)
                 return
-            if retry_ceiling is None:
+            if failed_ceiling is None:
                 self._failures.pop(key, None)
             else:
                 self._failures[key] = self._failures.get(key, 0) + 1
             if key in self._items:  # newer work came in meanwhile: it runs now and supersedes the retry
                 heapq.heappush(self._heap, (self._due[key], next(self._order), key))
                 self._cond.notify()
-            elif retry_ceiling is not None:
-                self._put(key, item, time.monotonic() + backoff_s(self._failures[key], retry_ceiling,
+            elif failed_ceiling is not None:
+                self._put(key, item, time.monotonic() + backoff_s(self._failures[key], failed_ceiling,
                                                              self._retry_base_s, self._retry_cap_s))
+            elif requeue_after is not None:
+                self._put(key, item, time.monotonic() + requeue_after)
 
     def _run(self) -> None:
         while (taken := self._take()) is not None:
             key, item = taken
-            retry: float | None
+            requeue_after: float | None = None
+            failed_ceiling: float | None = None
             try:
-                retry = self._handler(key, item)
+                requeue_after = self._handler(key, item)
+            except Retry as failure:
+                logger.warning("%s: %s failed, retrying with backoff: %s", self._name, key, failure)
+                failed_ceiling = failure.ceiling_s
             except Exception:  # a worker must outlive any one object's failure
                 logger.exception("%s: handling %s failed; retrying with backoff", self._name, key)
-                retry = float("inf")
-            self._done(key, item, retry)
+                failed_ceiling = float("inf")
+            self._done(key, item, requeue_after, failed_ceiling)

@@ -1,13 +1,14 @@
-"""The reconcile work queue: coalescing, one worker per key, retries with backoff, forgetting."""
+"""The reconcile work queue: coalescing, one worker per key, planned requeues, failures with backoff, forgetting."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 import pytest
 
-from phi3_operator.workqueue import WorkQueue, backoff_s
+from phi3_operator.workqueue import Retry, WorkQueue, backoff_s
 
 
 def latest(_: str, new: str) -> str:
@@ -85,12 +86,13 @@ def test_keys_are_handled_in_parallel_but_never_one_key_twice_at_once() -> None:
         queue.stop()
 
 
-def test_a_retry_waits_for_its_backoff_then_runs_again() -> None:
+def test_a_failure_waits_for_its_backoff_then_runs_again() -> None:
     calls: list[float] = []
 
-    def handler(_: str, __: str) -> float | None:
+    def handler(_: str, __: str) -> None:
         calls.append(time.monotonic())
-        return 10.0 if len(calls) < 3 else None
+        if len(calls) < 3:
+            raise Retry("not yet", ceiling_s=10.0)
 
     queue: WorkQueue[str, str] = WorkQueue(handler, latest, workers=1, retry_base_s=0.1)
     queue.start()
@@ -104,18 +106,79 @@ def test_a_retry_waits_for_its_backoff_then_runs_again() -> None:
         queue.stop()
 
 
+def test_a_failure_backs_off_no_longer_than_its_ceiling() -> None:
+    calls: list[float] = []
+
+    def handler(_: str, __: str) -> None:
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            raise Retry("not yet", ceiling_s=0.1)
+
+    queue: WorkQueue[str, str] = WorkQueue(handler, latest, workers=1, retry_base_s=0.08)
+    queue.start()
+    try:
+        queue.add("a", "x")
+        wait_for(lambda: len(calls) == 4)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+        assert gaps[0] >= 0.08 and all(gap < 0.15 for gap in gaps[1:]), gaps
+    finally:
+        queue.stop()
+
+
+def test_a_planned_requeue_does_not_back_off() -> None:
+    calls: list[float] = []
+
+    def handler(_: str, __: str) -> float | None:
+        calls.append(time.monotonic())
+        return 0.1 if len(calls) < 5 else None
+
+    queue: WorkQueue[str, str] = WorkQueue(handler, latest, workers=1, retry_base_s=1.0)
+    queue.start()
+    try:
+        queue.add("a", "x")
+        wait_for(lambda: len(calls) == 5)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+        assert all(0.1 <= gap < 0.3 for gap in gaps), f"a poll every 0.1 s, not a doubling wait: {gaps}"
+        time.sleep(0.3)
+        assert len(calls) == 5, "None ends the polling"
+    finally:
+        queue.stop()
+
+
+def test_a_success_resets_the_backoff() -> None:
+    calls: list[float] = []
+    # fail, fail, succeed with a requeue, fail: the last failure waits the first step again, not the third
+    script = ["fail", "fail", "requeue", "fail", "done"]
+
+    def handler(_: str, __: str) -> float | None:
+        step = script[len(calls)]
+        calls.append(time.monotonic())
+        if step == "fail":
+            raise Retry(step)
+        return 0.01 if step == "requeue" else None
+
+    queue: WorkQueue[str, str] = WorkQueue(handler, latest, workers=1, retry_base_s=0.1)
+    queue.start()
+    try:
+        queue.add("a", "x")
+        wait_for(lambda: len(calls) == 5)
+        assert calls[2] - calls[1] >= 0.2, "the second failure in a row waits twice as long"
+        assert calls[4] - calls[3] < 0.2, "after a success the count starts again"
+    finally:
+        queue.stop()
+
+
 def test_new_work_during_a_failing_attempt_runs_at_once() -> None:
     calls: list[str] = []
     started = threading.Event()
     release = threading.Event()
 
-    def handler(_: str, item: str) -> float | None:
+    def handler(_: str, item: str) -> None:
         calls.append(item)
         if item == "old":
             started.set()
             release.wait(5)
-            return 60.0
-        return None
+            raise Retry("failed", ceiling_s=60.0)
 
     queue: WorkQueue[str, str] = WorkQueue(handler, latest, workers=1, retry_base_s=60.0)
     queue.start()
@@ -144,7 +207,7 @@ def test_an_exception_is_logged_and_retried_and_the_worker_survives(caplog: pyte
         wait_for(lambda: calls.count("bad") == 2)
         queue.add("good", "y")
         wait_for(lambda: "good" in calls)
-        assert "handling bad failed" in caplog.text
+        assert "handling bad failed" in caplog.text and "Traceback" in caplog.text
     finally:
         queue.stop()
 
