@@ -1,18 +1,139 @@
-"""The Phi3Model spec as frozen dataclasses.
+"""The Phi3Model spec: its one statement of defaults, limits and cross-field rules, and the parser.
 
-The CRD schema and its CEL rules reject bad specs at apply time; `parse_spec` repeats the
-checks the operator relies on, because a CR may predate a stricter CRD.
+`FIELDS` and `RULES` below are the source of truth. The CRD's schema and CEL rules
+(crds/phi3.ai_phi3models.yaml), the chart's copy of it, the README's resource table and the runtime's
+own parsing of the environment the builders write are held to them by tests/unit/test_spec_source.py,
+which fails on any drift; `parse_spec` applies them itself, because a CR may predate a stricter CRD.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-URI_PATTERN = re.compile(r"^(models:/|runs:/|s3://|gs://|https?://|file:|/)")
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+Scalar = int | float | str
+
+
+@dataclass(frozen=True)
+class Field:
+    """A scalar field of the spec and everything that bounds it."""
+
+    path: str  # dotted, under spec
+    type: Literal["integer", "number", "string"]
+    default: Scalar | None = None  # what an absent field means; None: no value (optional)
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    enum: tuple[str, ...] = ()
+    # False where the default depends on other fields (gpus: cuda only), so the operator applies it.
+    crd_default: bool = True
+    env: str = ""  # the runtime container's environment variable it becomes
+
+    @property
+    def key(self) -> str:
+        return self.path.rpartition(".")[2]
+
+    def check(self, value: Any) -> Scalar:
+        where = f"spec.{self.path}"
+        if self.enum:
+            if value not in self.enum:
+                raise SpecError(f"{where} must be one of {', '.join(self.enum)}, got {value!r}")
+            return str(value)
+        if self.type == "string":
+            if not isinstance(value, str):
+                raise SpecError(f"{where} must be a string, got {value!r}")
+            return value
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if self.type == "integer" and not is_int:
+            raise SpecError(f"{where} must be an integer, got {value!r}")
+        if self.type == "number" and not (is_int or isinstance(value, float)):
+            raise SpecError(f"{where} must be a number, got {value!r}")
+        low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
+        high_ok = self.maximum is None or value <= self.maximum
+        if not (low_ok and high_ok):
+            raise SpecError(f"{where} must be {self.range_text()}, got {value!r}")
+        return int(value) if self.type == "integer" else float(value)
+
+    def range_text(self) -> str:
+        low = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '>='} {_num(self.minimum)}"
+        high = "" if self.maximum is None else f"<= {_num(self.maximum)}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A CEL rule of the CRD, on the object (or string) at `path`, and the same rule in Python."""
+
+    path: str
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _cel_matches(pattern: str) -> str:
+    escaped = pattern.replace("\\", "\\\\")  # a CEL string literal escapes backslashes
+    return f"self.matches('{escaped}')"
+
+
+def _matches(pattern: str) -> Callable[[Any], bool]:
+    compiled = re.compile(pattern)  # CEL's matches() is a search, as re.search is
+    return lambda value: isinstance(value, str) and compiled.search(value) is not None
+
+
+URI_REGEX = (r"^(models:/[^/@]+(/[^/]+|@[A-Za-z0-9_-]+)(/.*)?|runs:/[0-9a-zA-Z]+(/.*)?|s3://.+|gs://.+"
+             r"|https?://.+|file:.+)$")
+TRACKING_URI_REGEX = r"^(https?|databricks|file)(://|:).*$"
+RESOURCE_NAME_REGEX = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)"
+                       r"/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+FIELDS: tuple[Field, ...] = (
+    Field("hardware.target", "string", enum=("cpu", "cuda")),
+    Field("hardware.gpus", "integer", 1, minimum=1, maximum=16, crd_default=False),
+    Field("hardware.gpuResourceName", "string", DEFAULT_GPU_RESOURCE, crd_default=False),
+    Field("image.policy", "string", "Auto", enum=("Auto", "Prebuilt", "Build")),
+    Field("replicas", "integer", 1, minimum=0, maximum=1000),
+    Field("autoscaling.minReplicas", "integer", 1, minimum=1),
+    Field("autoscaling.maxReplicas", "integer", 4, minimum=1),
+    Field("autoscaling.targetCPUUtilizationPercentage", "integer", 80, minimum=1, maximum=100),
+    Field("generation.maxTokens", "integer", 512, minimum=1, maximum=131072, env="PHI3_MAX_TOKENS"),
+    Field("generation.temperature", "number", 0.2, minimum=0, maximum=2, env="PHI3_TEMPERATURE"),
+    # top_p = 0 would keep no token at all: the runtime refuses it, so the CRD must too.
+    Field("generation.topP", "number", 1.0, minimum=0, maximum=1, exclusive_minimum=True, env="PHI3_TOP_P"),
+    Field("serving.maxBatchSize", "integer", None, minimum=1, maximum=256, env="PHI3_MAX_BATCH_SIZE"),
+    Field("service.type", "string", "ClusterIP", enum=("ClusterIP", "NodePort", "LoadBalancer")),
+    Field("service.port", "integer", 8080, minimum=1, maximum=65535),
+)
+FIELDS_BY_PATH: Mapping[str, Field] = {f.path: f for f in FIELDS}
+
+RULES: tuple[Rule, ...] = (
+    Rule("model.uri", _cel_matches(URI_REGEX),
+         "model.uri must be models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH, s3://..., gs://..., "
+         "http(s)://... or file:...", _matches(URI_REGEX)),
+    Rule("model.trackingUri", _cel_matches(TRACKING_URI_REGEX),
+         "model.trackingUri must be an http(s)://, databricks or file: URI", _matches(TRACKING_URI_REGEX)),
+    Rule("hardware", "self.target == 'cuda' || !has(self.gpus)",
+         "hardware.gpus is only allowed with target: cuda",
+         lambda hw: hw.get("target") == "cuda" or "gpus" not in hw),
+    Rule("hardware", "self.target == 'cuda' || !has(self.gpuResourceName)",
+         "hardware.gpuResourceName is only allowed with target: cuda",
+         lambda hw: hw.get("target") == "cuda" or "gpuResourceName" not in hw),
+    Rule("hardware.gpuResourceName", _cel_matches(RESOURCE_NAME_REGEX),
+         "hardware.gpuResourceName must be a domain-prefixed resource name such as nvidia.com/gpu",
+         _matches(RESOURCE_NAME_REGEX)),
+    Rule("autoscaling", "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+         "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
+         lambda a: "minReplicas" not in a or "maxReplicas" not in a or a["minReplicas"] <= a["maxReplicas"]),
+    Rule("disruptionBudget", "has(self.minAvailable) != has(self.maxUnavailable)",
+         "disruptionBudget needs exactly one of minAvailable or maxUnavailable",
+         lambda b: ("minAvailable" in b) != ("maxUnavailable" in b)),
+)
 
 
 class SpecError(ValueError):
@@ -89,43 +210,55 @@ class Phi3ModelSpec:
     serving: Serving = Serving()
 
 
-def _int(raw: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
-    value = raw.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SpecError(f"{key} must be an integer >= {minimum}, got {value!r}")
+def _at(raw: Mapping[str, Any], path: str) -> Any:
+    value: Any = raw
+    for key in path.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
     return value
 
 
+def check_rules(raw: Mapping[str, Any]) -> None:
+    """The CRD's CEL rules, in Python: a SpecError with the CRD's own message for the first that fails."""
+    for rule in RULES:
+        value = _at(raw, rule.path)
+        if value is not None and not rule.holds(value):
+            raise SpecError(rule.message)
+
+
+def value_of(raw: Mapping[str, Any], path: str) -> Any:
+    """The checked value at `path`, or the table's default when the field is absent."""
+    spec_field = FIELDS_BY_PATH[path]
+    value = _at(raw, path)
+    return spec_field.default if value is None else spec_field.check(value)
+
+
 def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
+    if not isinstance(_at(raw, "model.uri"), str):
+        raise SpecError("spec.model.uri is required")
+    if _at(raw, "hardware.target") is None:
+        raise SpecError("spec.hardware.target is required: cpu or cuda")
+    check_rules(raw)
+
     model_raw = raw.get("model") or {}
-    uri = str(model_raw.get("uri") or "")
-    if not URI_PATTERN.match(uri):
-        raise SpecError(
-            f"spec.model.uri {uri!r} must start with models:/, runs:/, s3://, gs://, http(s):// or file:"
-        )
     credentials = (model_raw.get("credentialsSecretRef") or {}).get("name")
-    model = ModelSource(uri=uri, tracking_uri=model_raw.get("trackingUri") or None, credentials_secret=credentials)
+    model = ModelSource(uri=model_raw["uri"], tracking_uri=model_raw.get("trackingUri") or None,
+                        credentials_secret=credentials)
 
     hw_raw = raw.get("hardware") or {}
-    target = hw_raw.get("target")
-    if target not in ("cpu", "cuda"):
-        raise SpecError(f"spec.hardware.target must be cpu or cuda, got {target!r}")
-    if target == "cpu" and "gpus" in hw_raw:
-        raise SpecError("spec.hardware.gpus is only allowed with target: cuda")
+    target = value_of(raw, "hardware.target")
     hardware = Hardware(
         target=target,
-        gpus=_int(hw_raw, "gpus", 1, 1) if target == "cuda" else 0,
-        gpu_resource_name=hw_raw.get("gpuResourceName") or DEFAULT_GPU_RESOURCE,
+        gpus=value_of(raw, "hardware.gpus") if target == "cuda" else 0,
+        gpu_resource_name=value_of(raw, "hardware.gpuResourceName"),
         node_selector=dict(hw_raw.get("nodeSelector") or {}),
         tolerations=tuple(hw_raw.get("tolerations") or ()),
     )
 
     image_raw = raw.get("image") or {}
-    policy = image_raw.get("policy", "Auto")
-    if policy not in ("Auto", "Prebuilt", "Build"):
-        raise SpecError(f"spec.image.policy must be Auto, Prebuilt or Build, got {policy!r}")
     image = ImageSpec(
-        policy=policy,
+        policy=value_of(raw, "image.policy"),
         override=image_raw.get("override") or "",
         registry=image_raw.get("registry") or "",
         push_secret=(image_raw.get("pushSecretRef") or {}).get("name") or "",
@@ -133,44 +266,35 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
 
     autoscaling = None
     if raw.get("autoscaling"):
-        a = raw["autoscaling"]
         autoscaling = Autoscaling(
-            min_replicas=_int(a, "minReplicas", 1, 1),
-            max_replicas=_int(a, "maxReplicas", 4, 1),
-            target_cpu_utilization=_int(a, "targetCPUUtilizationPercentage", 80, 1),
+            min_replicas=value_of(raw, "autoscaling.minReplicas"),
+            max_replicas=value_of(raw, "autoscaling.maxReplicas"),
+            target_cpu_utilization=value_of(raw, "autoscaling.targetCPUUtilizationPercentage"),
         )
+        # With defaults filled in: minReplicas 6 alone is more than the default maxReplicas.
         if autoscaling.min_replicas > autoscaling.max_replicas:
-            raise SpecError("spec.autoscaling.minReplicas must be <= maxReplicas")
+            raise SpecError("spec.autoscaling.minReplicas must be <= maxReplicas "
+                            f"({autoscaling.min_replicas} > {autoscaling.max_replicas})")
 
     budget = None
     if raw.get("disruptionBudget"):
         b = raw["disruptionBudget"]
         budget = DisruptionBudget(min_available=b.get("minAvailable"), max_unavailable=b.get("maxUnavailable"))
 
-    gen_raw = raw.get("generation") or {}
     generation = Generation(
-        max_tokens=_int(gen_raw, "maxTokens", 512, 1),
-        temperature=float(gen_raw.get("temperature", 0.2)),
-        top_p=float(gen_raw.get("topP", 1.0)),
+        max_tokens=value_of(raw, "generation.maxTokens"),
+        temperature=value_of(raw, "generation.temperature"),
+        top_p=value_of(raw, "generation.topP"),
     )
-    serving_raw = raw.get("serving") or {}
-    max_batch = serving_raw.get("maxBatchSize")
-    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool)
-                                  or not 1 <= max_batch <= 256):
-        raise SpecError(f"spec.serving.maxBatchSize must be an integer from 1 to 256, got {max_batch!r}")
-    serving = Serving(max_batch_size=max_batch)
-    svc_raw = raw.get("service") or {}
-    service = ServiceSpec(type=svc_raw.get("type", "ClusterIP"), port=_int(svc_raw, "port", 8080, 1))
-
     return Phi3ModelSpec(
         model=model,
         hardware=hardware,
         image=image,
-        replicas=_int(raw, "replicas", 1, 0),
+        replicas=value_of(raw, "replicas"),
         autoscaling=autoscaling,
         disruption_budget=budget,
         resources=dict(raw.get("resources") or {}),
         generation=generation,
-        service=service,
-        serving=serving,
+        service=ServiceSpec(type=value_of(raw, "service.type"), port=value_of(raw, "service.port")),
+        serving=Serving(max_batch_size=value_of(raw, "serving.maxBatchSize")),
     )

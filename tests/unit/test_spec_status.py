@@ -26,13 +26,17 @@ BASE: dict[str, Any] = {"model": {"uri": "models:/m@champion"}, "hardware": {"ta
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({**BASE, "model": {"uri": "ftp://x"}}, "must start with"),
-        ({**BASE, "hardware": {"target": "tpu"}}, "cpu or cuda"),
+        ({**BASE, "model": {"uri": "ftp://x"}}, "model.uri must be models:/NAME/VERSION"),
+        ({**BASE, "hardware": {"target": "tpu"}}, "must be one of cpu, cuda"),
         ({**BASE, "hardware": {"target": "cpu", "gpus": 1}}, "only allowed with target: cuda"),
-        ({**BASE, "hardware": {"target": "cuda", "gpus": 0}}, "gpus must be an integer >= 1"),
-        ({**BASE, "replicas": -1}, "replicas must be an integer >= 0"),
-        ({**BASE, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must be <= maxReplicas"),
-        ({**BASE, "image": {"policy": "Never"}}, "Auto, Prebuilt or Build"),
+        ({**BASE, "hardware": {"target": "cuda", "gpus": 0}}, "gpus must be >= 1 and <= 16, got 0"),
+        ({**BASE, "replicas": -1}, "replicas must be >= 0 and <= 1000"),
+        ({**BASE, "replicas": "2"}, "replicas must be an integer"),
+        ({**BASE, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "less than or equal to"),
+        ({**BASE, "autoscaling": {"minReplicas": 6}}, r"minReplicas must be <= maxReplicas \(6 > 4\)"),
+        ({**BASE, "image": {"policy": "Never"}}, "one of Auto, Prebuilt, Build"),
+        ({**BASE, "generation": {"topP": 0}}, "topP must be > 0 and <= 1"),
+        ({"hardware": {"target": "cpu"}}, "model.uri is required"),
     ],
 )
 def test_parse_spec_rejects(raw: dict[str, Any], message: str) -> None:
