@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from phi3_operator.status import REASON_TABLE, Condition, ObservedState, build_status
 from tests.chart.helpers import HEALTH_LUA, TESTDATA_HEALTH, argocd_health
 
 # (document, Argo CD status, message: the Ready condition's message)
@@ -15,7 +16,7 @@ CASES = [
     ("healthy", "Healthy", "The model is served and all replicas are ready"),
     ("progressing", "Progressing", "rollout in progress: 0/1 replicas available"),
     ("degraded-build-failed", "Degraded", "build job phi3-mini-build-7 failed: pip could not install flash-attn"),
-    ("degraded-mlflow-unavailable", "Degraded",
+    ("progressing-mlflow-unavailable", "Progressing",
      "MLflow at http://mlflow.mlflow.svc:5000 is unreachable: connection refused"),
     # Ready=True describes generation 4; generation 5 is not rolled out yet.
     ("stale-generation", "Progressing", "The model is served and all replicas are ready"),
@@ -23,8 +24,9 @@ CASES = [
     ("no-status", "Progressing", "Waiting for the operator to reconcile the Phi3Model"),
 ]
 
-DEGRADED_REASONS = ["BuildFailed", "MLflowUnavailable", "ModelNotFound", "NoCompatibleImage", "InvalidSpec",
-                    "InvalidModel", "ProgressDeadlineExceeded"]
+# The operator's reason table decides: terminal reasons are Degraded, all other failures Progressing.
+TERMINAL = sorted(r.name for r in REASON_TABLE if r.kind == "terminal")
+NOT_TERMINAL = sorted(r.name for r in REASON_TABLE if r.kind in ("progressing", "transient"))
 
 
 def load(name: str) -> dict[str, Any]:
@@ -50,14 +52,13 @@ def test_health_of_status_documents(lua: str, name: str, status: str, message: s
     assert argocd_health(lua, load(name)) == (status, message)
 
 
-@pytest.mark.parametrize("reason", DEGRADED_REASONS)
+@pytest.mark.parametrize("reason", TERMINAL)
 def test_terminal_reasons_are_degraded(lua: str, reason: str) -> None:
     obj = with_ready(load("progressing"), "False", reason)
     assert argocd_health(lua, obj) == ("Degraded", f"because {reason}")
 
 
-@pytest.mark.parametrize("reason", ["RolloutInProgress", "DeploymentMissing", "BuildRequired", "Building",
-                                    "CredentialsUnavailable"])
+@pytest.mark.parametrize("reason", NOT_TERMINAL)
 def test_transient_reasons_are_progressing(lua: str, reason: str) -> None:
     obj = with_ready(load("progressing"), "False", reason)
     assert argocd_health(lua, obj) == ("Progressing", f"because {reason}")
@@ -94,3 +95,14 @@ def test_health_script_avoids_lua_5_2_and_later_syntax() -> None:
     source = HEALTH_LUA.read_text()
     for construct in ("goto ", "<const>", "<close>", "::"):
         assert construct not in source, construct
+
+
+@pytest.mark.parametrize("reason", [r for r in REASON_TABLE if r.kind != "ok"], ids=lambda r: r.name)
+def test_statuses_the_operator_writes_read_as_the_reason_table_says(lua: str, reason: object) -> None:
+    name = reason.name  # type: ignore[attr-defined]
+    obj = load("progressing")
+    obj["metadata"]["generation"] = 2
+    obj["status"] = build_status({}, ObservedState(generation=2, conditions=[Condition("Available", "False", name,
+                                                                                         "why")]), "t")
+    expected = "Degraded" if reason.kind == "terminal" else "Progressing"  # type: ignore[attr-defined]
+    assert argocd_health(lua, obj) == (expected, "why")

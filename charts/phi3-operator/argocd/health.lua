@@ -2,18 +2,25 @@
 -- The message is the Ready condition's message. Register the check in argocd-cm under
 -- resource.customizations.health.phi3.ai_Phi3Model (see the chart's README.md).
 --   Healthy:     Ready=True and status.observedGeneration == metadata.generation
---   Degraded:    Ready=False with a reason that waiting will not fix, or phase Failed
---   Progressing: anything else, including a missing status or a stale observedGeneration
+--   Degraded:    a terminal failure: Stalled=True, phase Failed, or Ready=False with a terminal reason
+--   Progressing: anything else (work under way, a transient failure being retried), including a
+--                missing status or a stale observedGeneration
+-- TERMINAL_REASONS is the operator's table of reasons (operator/phi3_operator/status.py, kind
+-- "terminal"); tests/unit/test_reasons.py fails when the two differ.
 local hs = {status = "Progressing", message = "Waiting for the operator to reconcile the Phi3Model"}
 
-local DEGRADED_REASONS = {
+local TERMINAL_REASONS = {
   BuildFailed = true,
-  MLflowUnavailable = true,
+  ChildRejected = true,
+  CredentialsUnavailable = true,
+  InvalidModel = true,
+  InvalidSpec = true,
+  MLflowAccessDenied = true,
   ModelNotFound = true,
   NoCompatibleImage = true,
-  InvalidSpec = true,
-  InvalidModel = true,
+  PermissionDenied = true,
   ProgressDeadlineExceeded = true,
+  RegistryRequired = true,
 }
 
 if obj.status == nil then
@@ -21,10 +28,13 @@ if obj.status == nil then
 end
 
 local ready = nil
+local stalled = nil
 if obj.status.conditions ~= nil then
   for _, condition in ipairs(obj.status.conditions) do
     if condition.type == "Ready" then
       ready = condition
+    elseif condition.type == "Stalled" then
+      stalled = condition
     end
   end
 end
@@ -48,7 +58,8 @@ if ready ~= nil and ready.status == "True" then
   return hs
 end
 
-if obj.status.phase == "Failed" or (ready ~= nil and ready.status == "False" and DEGRADED_REASONS[ready.reason]) then
+local terminal = ready ~= nil and ready.status == "False" and TERMINAL_REASONS[ready.reason]
+if obj.status.phase == "Failed" or (stalled ~= nil and stalled.status == "True") or terminal then
   hs.status = "Degraded"
   return hs
 end
