@@ -8,22 +8,26 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv binaries lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
+.PHONY: help setup system-packages venv binaries images lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the whole product on the local control plane"
 	@echo "make test        install everything and run the full suite (lint, unit, cluster, serving, chart)"
 	@echo "make bench       operator and runtime benchmarks -> bench/results/*.json"
-	@echo "make setup       create .venv and build the cached control-plane binaries"
+	@echo "make setup       create .venv and build the cached control-plane and node binaries"
+	@echo "make images      build images/operator and images/mlserver-cpu with buildah, push to the local registry"
 	@echo "make cluster-up / cluster-down   start or stop the local control plane"
 
-setup: venv binaries system-packages
+setup: system-packages venv binaries
 
-# Debian packages the tests use: lua5.4 runs the Argo CD health check, openssl makes the cluster's
-# certificates, buildah and debootstrap prove that a generated build Dockerfile builds.
-SYSTEM_TOOLS := lua5.4 openssl buildah debootstrap
+# Debian packages, as `command:package`: lua5.4 runs the Argo CD health check, openssl makes the
+# cluster's certificates, buildah and debootstrap build the images; the real node needs runc, the
+# CNI plugins, nft (kube-proxy's nftables mode and the node's forward rule) and ip.
+SYSTEM_TOOLS := lua5.4:lua5.4 openssl:openssl buildah:buildah debootstrap:debootstrap runc:runc \
+	/usr/lib/cni/bridge:containernetworking-plugins nft:nftables ip:iproute2
 system-packages:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; package=$${pair##*:}; \
+	  command -v $$tool >/dev/null || test -x $$tool || missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 venv: $(VENV_STAMP)
@@ -37,6 +41,10 @@ $(VENV_STAMP):
 
 binaries:
 	hack/localcluster build
+
+# The registry the images are pushed to runs on the local cluster's node bridge.
+images: setup cluster-up
+	hack/images build
 
 lint: venv
 	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster

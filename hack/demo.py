@@ -1,36 +1,49 @@
-"""`make demo`: the whole product on the embedded local cluster, step by step.
+"""`make demo`: the whole product on the embedded local cluster, on a real node, step by step.
 
-Starts the local control plane and a local MLflow server, builds the tiny Phi-3 model, packages it
-into MLflow with the alias `champion`, runs the operator, applies examples/phi3-cpu.yaml, serves a
-chat request through the runtime command the Deployment runs, then moves the alias and shows the
-rollout. `--down` stops everything the demo started.
+Starts the local cluster (control plane, kwok nodes and one real node: kubelet + containerd), builds
+the project's images with buildah and pushes them to the cluster's registry, runs MLflow in the
+cluster, builds the tiny Phi-3 model and packages it into MLflow with the alias `champion`, installs
+the operator with its Helm chart, applies examples/phi3-cpu.yaml, and asks the model through its
+Service with the openai SDK, streaming. Then it moves the alias and shows the rollout to a new pod.
+`--down` stops everything the demo started.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.cluster import Cluster, localcluster  # noqa: E402
-from tests.support.mlflow_server import free_port  # noqa: E402
+from tests.support.realnode import (  # noqa: E402
+    NODE_SELECTOR,
+    NODE_TOLERATION,
+    build_images,
+    on_real_node,
+    pod_start_phases,
+    service_base_url,
+    serving_pods,
+)
 from tests.support.wait import wait_until  # noqa: E402
 
 STATE = Path(os.environ.get("PHI3_DEMO_DIR", Path.home() / ".cache" / "phi3-operator" / "demo"))
-MLFLOW_PORT = int(os.environ.get("PHI3_DEMO_MLFLOW_PORT", "5055"))
-TRACKING_URI = f"http://127.0.0.1:{MLFLOW_PORT}"
 NAMESPACE = "phi3-demo"
+MLFLOW_NAMESPACE = "mlflow"
+OPERATOR_NAMESPACE = "phi3-system"
+# What pods use; the chart's default trackingUri names the same Service.
+IN_CLUSTER_TRACKING_URI = f"http://mlflow.{MLFLOW_NAMESPACE}.svc:5000"
 MODEL = "phi3-mini"
 BIN = Path(sys.executable).parent
 STEP_NUMBERS = itertools.count(1)
@@ -51,53 +64,47 @@ def run(*cmd: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
-def start_daemon(name: str, cmd: list[str], env: dict[str, str]) -> None:
-    """A background process that outlives the demo (until `make demo-down`), with a pid file."""
-    pid_file = STATE / f"{name}.pid"
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-            info(f"{name} already runs (pid {pid_file.read_text().strip()})")
-            return
-        except (OSError, ValueError):
-            pass
-    with open(STATE / f"{name}.log", "ab") as log:
-        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pid_file.write_text(str(process.pid))
-    info(f"{name} started (pid {process.pid}, log {STATE / (name + '.log')})")
+def mlflow_manifests(image: str) -> list[dict[str, Any]]:
+    """MLflow as users run it: a Deployment and a Service (sqlite and artifacts on an emptyDir: a demo)."""
+    labels = {"app.kubernetes.io/name": "mlflow"}
+    command = [
+        "mlflow", "server", "--backend-store-uri", "sqlite:////data/mlflow.db",
+        "--artifacts-destination", "/data/artifacts", "--serve-artifacts",
+        "--host", "$(POD_IP)", "--port", "5000", "--workers", "1",
+        # MLflow checks the Host header: the Service's names and cluster-internal addresses.
+        "--allowed-hosts", f"mlflow.{MLFLOW_NAMESPACE}.svc:5000,mlflow.{MLFLOW_NAMESPACE}.svc.cluster.local:5000,10.*",
+    ]
+    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    return [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "mlflow", "labels": labels}, "spec": {
+            "replicas": 1, "selector": {"matchLabels": labels}, "strategy": {"type": "Recreate"},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "nodeSelector": NODE_SELECTOR, "tolerations": [NODE_TOLERATION],
+                "automountServiceAccountToken": False,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "mlflow", "image": image, "command": command,
+                    "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"},
+                            {"name": "HOME", "value": "/tmp"}],
+                    "ports": [{"name": "http", "containerPort": 5000}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2},
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+                    "securityContext": security,
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
+                }],
+                "volumes": [{"name": "data", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+            }},
+        }},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mlflow", "labels": labels},
+         "spec": {"selector": labels, "ports": [{"name": "http", "port": 5000, "targetPort": "http"}]}},
+    ]
 
 
-def stop_daemon(name: str) -> None:
-    pid_file = STATE / f"{name}.pid"
-    if not pid_file.exists():
-        return
-    try:
-        pid = int(pid_file.read_text())
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
-    pid_file.unlink(missing_ok=True)
-    print(f"stopped {name}")
-
-
-def mlflow_healthy() -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{TRACKING_URI}/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def package(onnx_dir: Path) -> str:
+def package(onnx_dir: Path, tracking_uri: str) -> str:
     out = run(str(BIN / "phi3-operator"), "package", "onnx", str(onnx_dir), "--name", MODEL,
-              "--alias", "champion", "--tracking-uri", TRACKING_URI)
+              "--alias", "champion", "--tracking-uri", tracking_uri)
     return out.strip().splitlines()[-1]
 
 
@@ -114,80 +121,81 @@ def ready(cluster: Cluster) -> dict[str, Any] | None:
     return obj if fresh and conditions.get("Ready", {}).get("status") == "True" else None
 
 
-def serve_locally(cluster: Cluster) -> None:
-    """Run the Deployment's own init and runtime commands on 127.0.0.1 and ask for a chat completion."""
-    deployment = cluster.get("deployment", MODEL, NAMESPACE)
-    pod = deployment["spec"]["template"]["spec"]
-    fetch_cmd = list(pod["initContainers"][0]["command"])
-    serve_cmd = list(pod["containers"][0]["command"])
-    env_list = pod["containers"][0]["env"]
-    model_dir = STATE / "served-model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    # The pod writes to /models/model; locally the same command writes under the demo's state dir.
-    fetch_cmd[fetch_cmd.index("--dest") + 1] = str(model_dir)
-    serve_cmd[serve_cmd.index("--model-uri") + 1] = str(model_dir)
-    ports = {flag: str(free_port()) for flag in ("--http-port", "--grpc-port", "--metrics-port")}
-    for flag, port in ports.items():
-        serve_cmd[serve_cmd.index(flag) + 1] = port
-    env = {**os.environ, "MLFLOW_TRACKING_URI": TRACKING_URI, "HF_HUB_OFFLINE": "1",
-           **{e["name"]: e["value"] for e in env_list if e["name"] not in ("HOME", "MLFLOW_TRACKING_URI")}}
-    info("init container command: " + " ".join(fetch_cmd))
-    run(str(BIN / fetch_cmd[0]), *fetch_cmd[1:], env=env)
-    info("runtime command:        " + " ".join(serve_cmd))
-    log_path = STATE / "local-runtime.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([str(BIN / serve_cmd[0]), *serve_cmd[1:]], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{ports['--http-port']}"
-    try:
-        import urllib.request
+def operator_values(images: dict[str, str]) -> dict[str, Any]:
+    repository, digest = images["operator"].split("@", 1)
+    return {
+        "image": {"repository": repository, "digest": digest},
+        "nodeSelector": NODE_SELECTOR, "tolerations": [NODE_TOLERATION],
+        "config": {
+            "defaultTrackingUri": IN_CLUSTER_TRACKING_URI,
+            "resyncIntervalSeconds": 10, "modelRefreshIntervalSeconds": 5,
+            "imageCatalog": [{"flavor": flavor, "target": "cpu", "image": images["mlserver-cpu"],
+                              "packagesFile": "files/mlserver-cpu.packages.txt"}
+                             for flavor in ("onnx-genai", "transformers", "pyfunc")],
+        },
+    }
 
-        def up() -> bool:
-            if server.poll() is not None:
-                raise SystemExit(f"demo: the runtime exited; see {log_path}")
-            with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=2) as response:
-                return bool(response.status == 200)
 
-        wait_until(up, timeout=180, interval=0.5, message="the local runtime to be ready")
-        from openai import OpenAI
+def placed_example() -> dict[str, Any]:
+    """examples/phi3-cpu.yaml on this machine's real node: its label, its taint, and a smaller CPU request
+    so that the old and the new pod fit its 2 cores side by side during a rollout."""
+    example = yaml.safe_load((REPO / "examples" / "phi3-cpu.yaml").read_text())
+    placed = on_real_node(example)
+    placed["spec"]["resources"] = copy.deepcopy(example["spec"]["resources"])
+    placed["spec"]["resources"]["requests"] = {"cpu": "250m", "memory": "1Gi"}
+    return placed
 
-        client = OpenAI(base_url=f"{base}/v1", api_key="not-needed")
-        question = "Hello! Who are you?"
-        answer = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=24
-        )
-        info(f"user:      {question}")
-        info(f"assistant: {answer.choices[0].message.content!r}")
-        info(f"usage:     {answer.usage.model_dump() if answer.usage else {}}")
-        info("The tiny model has random weights, so the words are noise; the path is real.")
-        info(f"Where this answer came from: a real MLServer process on {base}, started with the")
-        info("Deployment's own runtime command. The pods in the local cluster are simulated by kwok")
-        info("and serve nothing: their Running/Ready state is kwok's.")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+
+def ask(base_url: str, question: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=24
+    )
+    info(f"user:      {question}")
+    info(f"assistant: {answer.choices[0].message.content!r}")
+    info(f"usage:     {answer.usage.model_dump() if answer.usage else {}}")
+    started = time.monotonic()
+    streamed, first_token_s = [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                                max_tokens=24, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first_token_s = first_token_s if first_token_s is not None else time.monotonic() - started
+            streamed.append(chunk.choices[0].delta.content)
+    info(f"streamed:  {len(streamed)} chunks, first after {first_token_s or 0:.3f}s: {''.join(streamed)!r}")
+
+
+def describe_pods(cluster: Cluster) -> None:
+    for pod in serving_pods(cluster, MODEL, NAMESPACE):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        phases = pod_start_phases(pod)
+        info(f"pod {pod['metadata']['name']} on node {pod['spec'].get('nodeName')} ({pod['status'].get('podIP')}): "
+             + ", ".join(f"{name} +{seconds:.0f}s" for name, seconds in phases.items()))
 
 
 def up() -> None:
     STATE.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    step("Starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)")
+    step("Starting the local cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, and a real node")
     out = localcluster("up").stdout.strip().splitlines()[-1]
     cluster = Cluster(kubeconfig=Path(localcluster("kubeconfig").stdout.strip()))
     info(out)
-    info(cluster.kubectl("get", "nodes").stdout.strip().replace("\n", "\n    "))
+    info(cluster.kubectl("get", "nodes", "-o", "wide").stdout.strip().replace("\n", "\n    "))
 
-    step(f"Starting a local MLflow server on {TRACKING_URI} (sqlite, local artifacts)")
-    (STATE / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-    if not mlflow_healthy():
-        stop_daemon("mlflow")
-        start_daemon("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                f"sqlite:///{STATE / 'mlflow' / 'mlflow.db'}", "--artifacts-destination",
-                                str(STATE / "mlflow" / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
-                                "--port", str(MLFLOW_PORT), "--workers", "1"], dict(os.environ))
-    wait_until(mlflow_healthy, timeout=120, message="the MLflow server")
-    info("MLflow is healthy")
+    step("Building images/operator and images/mlserver-cpu with buildah, pushing to the cluster's registry")
+    images = build_images("operator", "mlserver-cpu")
+    for name, ref in images.items():
+        info(f"{name}: {ref}")
+
+    step(f"Running MLflow in the cluster ({IN_CLUSTER_TRACKING_URI}), from the runtime image")
+    cluster.kubectl("create", "namespace", MLFLOW_NAMESPACE, check=False)
+    cluster.apply(mlflow_manifests(images["mlserver-cpu"]), MLFLOW_NAMESPACE)
+    cluster.kubectl("rollout", "status", "-n", MLFLOW_NAMESPACE, "deployment/mlflow", "--timeout=300s", timeout=320)
+    tracking_uri = service_base_url(cluster, "mlflow", MLFLOW_NAMESPACE)
+    info(f"MLflow is Ready; this host reaches it through its ClusterIP: {tracking_uri}")
 
     step("Building the tiny Phi-3 model (random weights, local tokenizer) and its ONNX variants")
     from tests.support.tiny_model import build_tiny_model
@@ -196,58 +204,72 @@ def up() -> None:
     info(f"ONNX GenAI variants: {sorted(p.name for p in tiny.onnx_dir.iterdir() if p.is_dir())}")
 
     step(f"Packaging it into MLflow: phi3-operator package onnx ... --name {MODEL} --alias champion")
-    first_uri = package(tiny.onnx_dir)
+    first_uri = package(tiny.onnx_dir, tracking_uri)
     info(f"registered {first_uri} with alias champion")
 
-    step("Installing the CRD and starting the operator")
+    step("Installing the CRD and the operator: helm install phi3-operator charts/phi3-operator")
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/phi3models.phi3.ai", "--timeout=60s")
-    operator_env = {**cluster.env, "PHI3_DEFAULT_TRACKING_URI": TRACKING_URI, "PHI3_RESYNC_INTERVAL": "10",
-                    "PHI3_MODEL_REFRESH_INTERVAL": "5", "MALLOC_ARENA_MAX": "2"}
-    start_daemon("operator", [str(BIN / "phi3-operator"), "run", "--namespace", NAMESPACE], operator_env)
+    values = STATE / "operator-values.yaml"
+    values.write_text(yaml.safe_dump(operator_values(images)))
+    helm = localcluster("which", "helm").stdout.strip().splitlines()[-1]
+    run(helm, "upgrade", "--install", "phi3-operator", str(REPO / "charts" / "phi3-operator"),
+        "-n", OPERATOR_NAMESPACE, "--create-namespace", "-f", str(values), "--wait", "--timeout", "5m",
+        env=cluster.env)
+    operator_pod = cluster.get("pods", namespace=OPERATOR_NAMESPACE)["items"][0]
+    info(f"operator pod {operator_pod['metadata']['name']} runs {operator_pod['spec']['containers'][0]['image']}")
 
-    step(f"kubectl apply -f examples/phi3-cpu.yaml -n {NAMESPACE}")
+    step(f"kubectl apply -f examples/phi3-cpu.yaml -n {NAMESPACE} (placed on the real node)")
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    info(cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "phi3-cpu.yaml")).stdout.strip())
-    obj = wait_until(lambda: ready(cluster), timeout=180, message="Ready=True")
+    cluster.apply(placed_example(), NAMESPACE)
+    obj = wait_until(lambda: ready(cluster), timeout=600, interval=2, message="Ready=True")
     info(cluster.kubectl("get", "phi3", "-n", NAMESPACE).stdout.strip().replace("\n", "\n    "))
     model = obj["status"]["model"]
     info(f"models:/{MODEL}@champion resolved to {model['resolvedUri']} (run {model.get('runId', '')})")
     info(f"endpoint: {obj['status']['endpoint']['chatCompletions']}")
+    describe_pods(cluster)
 
-    step("Serving a chat request through the runtime command the Deployment runs")
-    serve_locally(cluster)
+    base_url = service_base_url(cluster, MODEL, NAMESPACE)
+    step(f"Asking the model through its Service ({base_url}) with the openai SDK")
+    ask(base_url, "Hello! Who are you?")
+    info("The tiny model has random weights, so the words are noise; the path is real: this answer")
+    info("came from the runtime container of the pod above, through the Service.")
 
     step("Packaging a new version and moving the alias champion to it")
-    second_uri = package(tiny.onnx_dir)
+    second_uri = package(tiny.onnx_dir, tracking_uri)
     info(f"registered {second_uri}; champion now points at it")
 
     def rolled() -> dict[str, Any] | None:
         current = ready(cluster)
-        return current if current and current["status"]["model"]["resolvedUri"] == second_uri else None
+        if not current or current["status"]["model"]["resolvedUri"] != second_uri:
+            return None
+        pods = [p for p in serving_pods(cluster, MODEL, NAMESPACE) if not p["metadata"].get("deletionTimestamp")]
+        uris = {p["metadata"].get("annotations", {}).get("phi3.ai/model-uri") for p in pods}
+        return current if uris == {second_uri} else None
 
-    obj = wait_until(rolled, timeout=120, message=f"the rollout to {second_uri}")
+    wait_until(rolled, timeout=600, interval=2, message=f"the rollout to {second_uri}")
     deployment = cluster.get("deployment", MODEL, NAMESPACE)
     fetch = deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
     info(f"Deployment now fetches {fetch[fetch.index('--model-uri') + 1]}")
     info(cluster.kubectl("get", "phi3", "-n", NAMESPACE).stdout.strip().replace("\n", "\n    "))
+    describe_pods(cluster)
     events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                              "reason=ModelVersionChanged", "-o", "json").stdout
     for event in json.loads(events)["items"][-1:]:
         info(f"event ModelVersionChanged: {event['message']}")
+    ask(base_url, "And now?")
 
     print(f"\nDemo finished in {time.monotonic() - started:.0f}s. Everything is still running, so you can look:")
     print(f"  eval \"$({REPO / 'hack' / 'localcluster'} env)\"   # PATH with the cached kubectl and helm, KUBECONFIG")
-    print(f"  kubectl get phi3,deploy,svc,pods -n {NAMESPACE}")
-    print(f"  MLflow UI: {TRACKING_URI}   operator log: {STATE / 'operator.log'}")
+    print(f"  kubectl get phi3,deploy,svc,pods -n {NAMESPACE} -o wide")
+    print(f"  kubectl logs -n {NAMESPACE} deploy/{MODEL} -c runtime")
+    print(f"  MLflow: {tracking_uri}   operator: kubectl logs -n {OPERATOR_NAMESPACE} deploy/phi3-operator")
     print("Clean up with: make demo-down")
 
 
 def down() -> None:
-    stop_daemon("operator")
-    stop_daemon("mlflow")
     localcluster("down")
-    print("local control plane stopped")
+    print("local cluster stopped (the node's pods, the operator and MLflow with it)")
 
 
 def main() -> int:

@@ -31,6 +31,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("batch/v1", "Job"): "jobs",
     ("phi3.ai/v1alpha1", "Phi3Model"): "phi3models",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
 }
 
 
@@ -144,6 +145,17 @@ class KubeApi:
         )
         return result
 
+    def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """POST: fails with 409 when the object exists (leader election relies on it)."""
+        collection = ObjectKey.of(manifest).path().rpartition("/")[0]
+        result: dict[str, Any] = self._call("POST", collection, body=dict(manifest))
+        return result
+
+    def replace(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT: with metadata.resourceVersion set, fails with 409 when the object changed since it was read."""
+        result: dict[str, Any] = self._call("PUT", ObjectKey.of(manifest).path(), body=dict(manifest))
+        return result
+
     def apply_if_changed(self, manifest: Mapping[str, Any], known_absent: bool = False) -> tuple[dict[str, Any], str]:
         """Apply only when the live object differs: (live object, "unchanged" | "created" | "updated").
 
@@ -167,6 +179,13 @@ class KubeApi:
             token = page.get("metadata", {}).get("continue", "")
             if not token:
                 return
+
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The pods matching a label selector: read only when a model's Deployment is not available."""
+        label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+        page = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", label_selector)])
+        items: list[dict[str, Any]] = page.get("items", [])
+        return items
 
     def delete(self, key: ObjectKey) -> bool:
         try:

@@ -91,6 +91,10 @@ reconcile.py, handlers.py) plus what kopf needs for the watched resource. */}}
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "patch"]
+# A model whose pods do not become ready: their status says why (OOMKilled, fetch failed, image pull).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Optional children, deleted when the spec stops asking for them.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]

@@ -22,6 +22,11 @@ DEFAULT_CPU_RESOURCES: dict[str, Any] = {
     "limits": {"memory": "8Gi"},
 }
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# A terminating pod keeps serving while Services drop it: kube-proxy on every node and any load balancer
+# learn of the removal a few seconds after the kubelet does, and until then new requests still arrive.
+PRE_STOP_SLEEP_S = 5
+# Then SIGTERM: MLServer stops accepting and finishes the streams it has; a long answer takes a while.
+TERMINATION_GRACE_S = 60
 
 CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
@@ -86,6 +91,9 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": volume_mounts,
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        # A failed fetch's last log line (`cannot fetch URI: why`) becomes the status message the
+        # operator reports on the Phi3Model.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     runtime = {
         "name": "runtime",
@@ -110,6 +118,8 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "livenessProbe": http_probe("/v2/health/live", period=10, failures=3),
         # Loading a model can take minutes; liveness must not kill a pod that is still loading.
         "startupProbe": http_probe("/v2/health/live", period=5, failures=120),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": volume_mounts,
     }
@@ -126,6 +136,7 @@ def build_deployment(ctx: BuildContext) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "initContainers": [fetch],
         "containers": [runtime],
         "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "models", "emptyDir": {}}],

@@ -1,0 +1,90 @@
+"""Why a model's pods are not serving, read from their status: pure, no I/O.
+
+A Deployment only says "0/1 available". The pods say why: the runtime was OOMKilled at its memory
+limit, the init container could not fetch the model, the image cannot be pulled, the runtime
+crash-loops. `pod_problem` turns the first such cause into a condition reason and a message a
+person can act on; the reconciler puts it on the Phi3Model instead of leaving a pod stuck in Init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FETCH_CONTAINER = "fetch-model"
+RUNTIME_CONTAINER = "runtime"
+IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+# Kubernetes caps a termination message at 4096 bytes; a condition message should stay readable.
+MESSAGE_TAIL_CHARS = 600
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    reason: str  # one of status.REASON_TABLE's pod reasons
+    message: str
+    pod: str
+
+
+def _tail(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_TAIL_CHARS else "..." + text[-MESSAGE_TAIL_CHARS:]
+
+
+def _memory_limit(pod: Mapping[str, Any], container: str) -> str | None:
+    spec = pod.get("spec", {})
+    for item in (*spec.get("initContainers", []), *spec.get("containers", [])):
+        if item.get("name") == container:
+            limit = item.get("resources", {}).get("limits", {}).get("memory")
+            return str(limit) if limit else None
+    return None
+
+
+def _terminations(status: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    for key in ("state", "lastState"):
+        terminated = status.get(key, {}).get("terminated")
+        if terminated:
+            yield terminated
+
+
+def _container_problem(pod: Mapping[str, Any], status: Mapping[str, Any], init: bool) -> tuple[str, str] | None:
+    name = str(status.get("name", ""))
+    for terminated in _terminations(status):
+        if terminated.get("reason") == "OOMKilled":
+            limit = _memory_limit(pod, name)
+            where = f"its memory limit {limit}" if limit else "the node's memory (no limit set)"
+            field = "spec.resources.limits.memory" if name == RUNTIME_CONTAINER else "the fetch container's limit"
+            return ("OOMKilled", f"container {name} was OOMKilled at {where}; the model needs more memory: "
+                    f"raise {field}")
+    waiting = status.get("state", {}).get("waiting", {})
+    if waiting.get("reason") in IMAGE_PULL_WAITING:
+        return ("ImagePullFailed", f"container {name} cannot pull {status.get('image', '')}: "
+                f"{_tail(str(waiting.get('message', waiting['reason'])))}")
+    failed = next((t for t in _terminations(status) if t.get("exitCode", 0) != 0), None)
+    if failed is None:
+        return None
+    detail = _tail(str(failed.get("message") or failed.get("reason") or ""))
+    if init and name == FETCH_CONTAINER:
+        return ("ModelFetchFailed", f"the init container could not fetch the model (exit code "
+                f"{failed.get('exitCode')}): {detail}")
+    if waiting.get("reason") == "CrashLoopBackOff" or status.get("restartCount", 0) > 0:
+        return ("RuntimeCrashLoop", f"container {name} keeps exiting (exit code {failed.get('exitCode')}, "
+                f"{status.get('restartCount', 0)} restarts): {detail}")
+    return None
+
+
+def pod_problem(pods: Iterable[Mapping[str, Any]]) -> PodProblem | None:
+    """The first reason among pods that are not Ready; None when nothing explains a wait."""
+    for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        status = pod.get("status", {})
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
+        if ready:
+            continue
+        for init, key in ((True, "initContainerStatuses"), (False, "containerStatuses")):
+            for container in status.get(key, []):
+                found = _container_problem(pod, container, init)
+                if found:
+                    return PodProblem(reason=found[0], message=found[1], pod=str(pod["metadata"].get("name", "")))
+    return None

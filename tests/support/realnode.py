@@ -1,0 +1,100 @@
+"""The local cluster's real node (kubelet + containerd) and the images that run on it.
+
+`hack/localcluster up` starts the node `phi3-node-0` beside the kwok nodes; it is tainted so that only
+pods that ask for it land there. `hack/images` builds the project's Dockerfiles with buildah and pushes
+them to the registry on the node's bridge address.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.cluster import REPO_ROOT, Cluster, cached_binary
+
+NODE_NAME = "phi3-node-0"
+# Where the host serves the node's pods (API server, registry, DNS, test MLflow): the pod bridge's address.
+BRIDGE_ADDRESS = "10.88.0.1"
+NODE_SELECTOR = {"phi3.ai/node": "real"}
+NODE_TOLERATION = {"key": "phi3.ai/node", "operator": "Equal", "value": "real", "effect": "NoSchedule"}
+IMAGES = REPO_ROOT / "hack" / "images"
+
+
+def build_images(*names: str) -> dict[str, str]:
+    """Build (buildah layer cache makes a rebuild quick) and push; returns name -> registry/repo@digest."""
+    proc = subprocess.run([str(IMAGES), "build", *names], text=True, capture_output=True, timeout=3600)
+    if proc.returncode != 0:
+        raise AssertionError(f"hack/images build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    refs: dict[str, str] = json.loads(subprocess.run([str(IMAGES), "refs"], text=True, capture_output=True,
+                                                     check=True).stdout)
+    return refs
+
+
+def image_packages(name: str) -> list[str]:
+    return [line.strip() for line in (REPO_ROOT / "images" / name / "packages.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def operator_config(path: Path, runtime_image: str) -> Path:
+    """An operator config whose CPU catalog is the image just built, with the packages it declares."""
+    packages = image_packages("mlserver-cpu")
+    path.write_text(yaml.safe_dump({"imageCatalog": [
+        {"flavor": flavor, "target": "cpu", "image": runtime_image, "packages": packages}
+        for flavor in ("onnx-genai", "transformers", "pyfunc")
+    ]}))
+    return path
+
+
+def on_real_node(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A Phi3Model (or pod spec holder) placed on the real node: its label and its taint's toleration."""
+    placed = copy.deepcopy(manifest)
+    hardware = placed["spec"].setdefault("hardware", {})
+    hardware["nodeSelector"] = {**hardware.get("nodeSelector", {}), **NODE_SELECTOR}
+    hardware["tolerations"] = [*hardware.get("tolerations", []), NODE_TOLERATION]
+    return placed
+
+
+def service_base_url(cluster: Cluster, name: str, namespace: str) -> str:
+    """The Service's ClusterIP: kube-proxy routes it from the host, as from any pod."""
+    service = cluster.get("service", name, namespace)
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    return f"http://{service['spec']['clusterIP']}:{port}"
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def pod_start_phases(pod: dict[str, Any]) -> dict[str, float]:
+    """Seconds from pod creation to scheduled, model fetched (init done), runtime started, Ready."""
+    created = _time(pod["metadata"]["creationTimestamp"])
+    conditions = {c["type"]: c for c in pod["status"].get("conditions", [])}
+    phases: dict[str, float] = {}
+    for name, condition in (("scheduled", "PodScheduled"), ("fetched", "Initialized"), ("ready", "Ready")):
+        if conditions.get(condition, {}).get("status") == "True":
+            phases[name] = (_time(conditions[condition]["lastTransitionTime"]) - created).total_seconds()
+    runtime = next((s for s in pod["status"].get("containerStatuses", []) if s["name"] == "runtime"), None)
+    started = (runtime or {}).get("state", {}).get("running", {}).get("startedAt")
+    if started:
+        phases["runtime_started"] = (_time(started) - created).total_seconds()
+    return phases
+
+
+def serving_pods(cluster: Cluster, name: str, namespace: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cluster.get("pods", namespace=namespace)["items"]
+    return [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == name]
+
+
+def ctr_binary() -> str:
+    return cached_binary("ctr")
+
+
+def containerd_socket(cluster: Cluster) -> str:
+    """The node's containerd (hack/localcluster keeps it in the cluster's state dir)."""
+    return str(cluster.kubeconfig.parent / "node" / "containerd.sock")

@@ -1,0 +1,79 @@
+"""pod_problem: the cause of a pod that does not serve, from pod status documents as the API returns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from phi3_operator.podhealth import pod_problem
+
+
+def pod(init: list[dict[str, Any]] | None = None, containers: list[dict[str, Any]] | None = None,
+        ready: bool = False, limit: str | None = "200Mi") -> dict[str, Any]:
+    resources = {"limits": {"memory": limit}} if limit else {}
+    return {
+        "metadata": {"name": "tiny-abc"},
+        "spec": {"initContainers": [{"name": "fetch-model"}],
+                 "containers": [{"name": "runtime", "resources": resources}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                   "initContainerStatuses": init or [], "containerStatuses": containers or []},
+    }
+
+
+def terminated(reason: str, code: int, message: str = "") -> dict[str, Any]:
+    return {"terminated": {"reason": reason, "exitCode": code, "message": message}}
+
+
+def test_oomkilled_runtime_names_the_limit_and_the_field() -> None:
+    problem = pod(containers=[{"name": "runtime", "restartCount": 2,
+                               "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                               "lastState": terminated("OOMKilled", 137)}])
+    found = pod_problem([problem])
+    assert found is not None
+    assert found.reason == "OOMKilled"
+    assert "memory limit 200Mi" in found.message and "spec.resources.limits.memory" in found.message
+
+
+def test_oomkilled_without_a_limit_says_so() -> None:
+    found = pod_problem([pod(containers=[{"name": "runtime", "state": terminated("OOMKilled", 137)}], limit=None)])
+    assert found is not None and "no limit set" in found.message
+
+
+def test_a_failed_fetch_carries_the_init_containers_message() -> None:
+    found = pod_problem([pod(init=[{"name": "fetch-model", "restartCount": 1,
+                                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                    "lastState": terminated("Error", 1, "RESOURCE_DOES_NOT_EXIST: model gone")}])])
+    assert found is not None
+    assert found.reason == "ModelFetchFailed"
+    assert "RESOURCE_DOES_NOT_EXIST: model gone" in found.message and "exit code 1" in found.message
+
+
+def test_image_pull_failures_name_the_image() -> None:
+    waiting = {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}
+    found = pod_problem([pod(containers=[{"name": "runtime", "image": "reg/x:1", "state": waiting}])])
+    assert found is not None and found.reason == "ImagePullFailed" and "reg/x:1" in found.message
+
+
+def test_a_crash_looping_runtime() -> None:
+    found = pod_problem([pod(containers=[{"name": "runtime", "restartCount": 3,
+                                          "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                          "lastState": terminated("Error", 1, "Traceback ... ValueError: bad")}])])
+    assert found is not None and found.reason == "RuntimeCrashLoop" and "ValueError: bad" in found.message
+
+
+@pytest.mark.parametrize("ready, deleting", [(True, False), (False, True)])
+def test_ready_or_terminating_pods_explain_nothing(ready: bool, deleting: bool) -> None:
+    document = pod(containers=[{"name": "runtime", "state": terminated("OOMKilled", 137)}], ready=ready)
+    if deleting:
+        document["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_problem([document]) is None
+
+
+def test_a_starting_pod_explains_nothing() -> None:
+    assert pod_problem([pod(init=[{"name": "fetch-model", "state": {"running": {}}}])]) is None
+
+
+def test_long_messages_are_cut_to_their_tail() -> None:
+    found = pod_problem([pod(init=[{"name": "fetch-model", "state": terminated("Error", 1, "x" * 5000 + " END")}])])
+    assert found is not None and found.message.endswith("END") and len(found.message) < 800
