@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="operator config file (default: $PHI3_OPERATOR_CONFIG)")
     run.add_argument("--liveness-endpoint", help="e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--peering", help="kopf peering name, for more than one operator replica")
-    run.add_argument("--metrics-address", help="serve Prometheus /metrics on HOST:PORT, e.g. 0.0.0.0:8081")
+    run.add_argument("--metrics-address", help="serve Prometheus /metrics (and /healthz) on HOST:PORT, "
+                     "e.g. 0.0.0.0:8081")
+    run.add_argument("--leader-election-namespace", metavar="NS",
+                     help="elect one active replica with a Lease in NS (env POD_NAME names this replica)")
     run.add_argument("--verbose", "-v", action="store_true")
     for name in DATA_PLANE_COMMANDS:
         commands.add_parser(name, help=f"data plane: see `phi3-operator {name} --help`", add_help=False)
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             liveness_endpoint=options.liveness_endpoint,
             peering_name=options.peering,
             metrics_address=options.metrics_address,
+            leader_election_namespace=options.leader_election_namespace,
             verbose=options.verbose,
         )
     )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import kopf
 
 from phi3_operator.handlers import register
 from phi3_operator.k8s import KubeApi, new_api_client
+from phi3_operator.leader import LeaderElector
 from phi3_operator.metrics import serve as serve_metrics
 from phi3_operator.reconcile import Reconciler, merge_work
 from phi3_operator.resolve import Resolver, mlflow_lookup
@@ -25,6 +27,8 @@ class RunOptions:
     liveness_endpoint: str | None = None
     peering_name: str | None = None
     metrics_address: str | None = None  # host:port
+    # The namespace of the Lease that elects one active replica; None runs without election.
+    leader_election_namespace: str | None = None
     verbose: bool = False
 
 
@@ -47,14 +51,28 @@ def run(options: RunOptions) -> None:
     reconciler.metrics.watch_queue(queue.waiting)
     registry = kopf.OperatorRegistry()
     register(registry, settings, namespaces=options.namespaces)
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            memo=kopf.Memo(reconciler=reconciler, queue=queue),
-            clusterwide=not options.namespaces,
-            namespaces=list(options.namespaces),
-            standalone=options.peering_name is None,
-            peering_name=options.peering_name,
-            liveness_endpoint=options.liveness_endpoint,
+    elector = None
+    if options.leader_election_namespace:
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaderElector(reconciler.api, options.leader_election_namespace, identity)
+        # A standby watches nothing and reconciles nothing until it holds the Lease.
+        if not elector.acquire():
+            return
+        # Losing the Lease ends the process at once (as controller-runtime does): the new leader may
+        # already be reconciling, and kopf has no way to stop its watches part-way.
+        elector.renew_until_lost(on_lost=lambda: os._exit(1))
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                memo=kopf.Memo(reconciler=reconciler, queue=queue),
+                clusterwide=not options.namespaces,
+                namespaces=list(options.namespaces),
+                standalone=options.peering_name is None,
+                peering_name=options.peering_name,
+                liveness_endpoint=options.liveness_endpoint,
+            )
         )
-    )
+    finally:
+        if elector is not None:
+            elector.release()

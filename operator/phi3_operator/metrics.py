@@ -64,14 +64,18 @@ class Metrics:
 
 
 def serve(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve GET /metrics from a daemon thread; returns the server (its port may have been 0)."""
+    """Serve GET /metrics and /healthz from a daemon thread; returns the server (its port may have been 0).
+
+    /healthz answers from the start, so a standby replica waiting for the leader Lease is live too.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
+            path = self.path.split("?")[0]
+            if path not in ("/metrics", "/healthz"):
                 self.send_error(404)
                 return
-            body = metrics.render().encode()
+            body = metrics.render().encode() if path == "/metrics" else b"ok\n"
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
