@@ -19,6 +19,7 @@ from phi3_operator.builders.common import API_VERSION, KIND
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
+from phi3_operator.podhealth import pod_problem
 from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
@@ -177,7 +178,7 @@ class Reconciler:
         written = self._written_status.get(owners[0])
         if written is None or not _reconciled_cleanly(written):
             return False
-        available, replicas, ready = deployment_available(deployment)
+        available, replicas, ready = self.serving_condition(deployment)
         kept = [
             Condition(c["type"], c["status"], c["reason"], c["message"])
             for c in written.get("conditions", [])
@@ -195,6 +196,19 @@ class Reconciler:
         key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
         self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
         return True
+
+    def serving_condition(self, deployment: Mapping[str, Any] | None) -> tuple[Condition, int, int]:
+        """The Deployment's Available condition; while its pods do not come up, their status says why
+        (OOMKilled at a limit, a failed fetch, an image pull): a person sees the cause, not only 0/1."""
+        available, replicas, ready = deployment_available(deployment)
+        if deployment is None or available.reason != "RolloutInProgress":
+            return available, replicas, ready
+        selector = deployment.get("spec", {}).get("selector", {}).get("matchLabels", {})
+        problem = pod_problem(self.api.list_pods(deployment["metadata"]["namespace"], selector))
+        if problem is None:
+            return available, replicas, ready
+        unavailable = Condition("Available", "False", problem.reason, f"pod {problem.pod}: {problem.message}")
+        return unavailable, replicas, ready
 
     def record_status(self, key: ObjectKey, uid: str, current: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Write `status` where it differs from `current`, and remember it either way: when nothing
@@ -379,7 +393,7 @@ class _Pass:
         deployment = self.apply_children(ctx)
         self.announce_version(model)
 
-        available, replicas, ready = deployment_available(deployment)
+        available, replicas, ready = self.r.serving_condition(deployment)
         conditions.append(available)
         self.write_status(
             ObservedState(
@@ -449,7 +463,7 @@ class _Pass:
     ) -> Outcome:
         """No image yet: whatever Deployment already serves is left exactly as it is."""
         live = self.r.api.get(ObjectKey("apps/v1", "Deployment", self.owner.namespace, self.owner.name))
-        available, replicas, ready = deployment_available(live)
+        available, replicas, ready = self.r.serving_condition(live)
         previous_image = str(self.current_status.get("image", "")) if live is not None else ""
         failing = self.fail(
             [*conditions, image_condition, available],

@@ -68,6 +68,18 @@ REASON_TABLE: tuple[Reason, ...] = (
     Reason("ProgressDeadlineExceeded", "Available", "terminal", "Failed",
            "the rollout stalled (image pull, crash loop, no node fits): `kubectl describe deployment <name>` "
            "and the pods' events"),
+    Reason("OOMKilled", "Available", "terminal", "Failed",
+           "a container was killed at its memory limit (the message names it): raise "
+           "`resources.limits.memory`; the model's weights, KV cache and runtime must fit"),
+    Reason("ModelFetchFailed", "Available", "transient", "Pending",
+           "the init container could not download the model (the message quotes its error): MLflow "
+           "unreachable from the pod, credentials, or the version's artifacts were deleted"),
+    Reason("ImagePullFailed", "Available", "transient", "Pending",
+           "the node cannot pull the runtime image: check the catalog's image reference, the registry and "
+           "`imagePullSecrets`"),
+    Reason("RuntimeCrashLoop", "Available", "terminal", "Failed",
+           "the runtime container keeps exiting (the message quotes its last words): "
+           "`kubectl logs deploy/<name> -c runtime --previous`"),
     Reason("Ready", "Ready", "ok", "Ready"),
     Reason("ReconcileError", "Ready", "transient", "Pending",
            "the reconcile raised an unexpected error (the message names it, e.g. a malformed MLflow answer); "

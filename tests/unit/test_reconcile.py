@@ -42,6 +42,8 @@ class FakeApiServer(KubeApi):
             raise self.refuse[(method, path)]
         if method != "GET":
             self.writes.append((method, path))
+        if method == "GET" and path.endswith("/pods"):  # a list; the label selector matches every pod here
+            return {"items": [copy.deepcopy(o) for p, o in self.objects.items() if p.startswith(path + "/")]}
         if method == "GET":
             if path not in self.objects:
                 raise KubeError(404, "NotFound", f"{path} not found")
@@ -324,3 +326,23 @@ def test_deployment_progress_does_not_clear_a_failed_pass(reconciler: Reconciler
 def _with_model(api: FakeApiServer) -> FakeApiServer:
     create_model(api)
     return api
+
+
+def test_a_pod_oomkilled_at_its_limit_is_named_in_the_available_condition(
+    reconciler: Reconciler, api: FakeApiServer
+) -> None:
+    create_model(api, resources={"limits": {"memory": "100Mi"}})
+    reconcile(reconciler, api)
+    namespace = api.objects[DEPLOYMENT_PATH]["metadata"]["namespace"]
+    api.objects[f"/api/v1/namespaces/{namespace}/pods/m-1"] = {
+        "metadata": {"name": "m-1", "namespace": namespace},
+        "spec": {"containers": [{"name": "runtime", "resources": {"limits": {"memory": "100Mi"}}}]},
+        "status": {"conditions": [{"type": "Ready", "status": "False"}],
+                   "containerStatuses": [{"name": "runtime", "restartCount": 1,
+                                          "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]},
+    }
+    reconcile(reconciler, api)
+    available = condition(api, "Available")
+    assert (available["status"], available["reason"]) == ("False", "OOMKilled")
+    assert "memory limit 100Mi" in available["message"] and "pod m-1" in available["message"]
+    assert status(api)["phase"] == "Failed"

@@ -18,9 +18,11 @@ local TERMINAL_REASONS = {
   MLflowAccessDenied = true,
   ModelNotFound = true,
   NoCompatibleImage = true,
+  OOMKilled = true,
   PermissionDenied = true,
   ProgressDeadlineExceeded = true,
   RegistryRequired = true,
+  RuntimeCrashLoop = true,
 }
 
 if obj.status == nil then
