@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 FETCH_CONTAINER = "fetch-model"
@@ -17,6 +18,25 @@ RUNTIME_CONTAINER = "runtime"
 IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
 # Kubernetes caps a termination message at 4096 bytes; a condition message should stay readable.
 MESSAGE_TAIL_CHARS = 600
+
+
+# Pods get this long to come up before their status is read: a healthy rollout never costs a pod list.
+SETTLE_S = 10.0
+
+
+def rollout_stuck(deployment: Mapping[str, Any], now: str) -> bool:
+    """Has the rollout made no progress for SETTLE_S? (The Deployment controller moves `Progressing`'s
+    lastUpdateTime whenever a replica comes up.) Unknown counts as stuck: then the pods are read."""
+    progressing = next((c for c in deployment.get("status", {}).get("conditions", [])
+                        if c.get("type") == "Progressing"), None)
+    if not progressing or not progressing.get("lastUpdateTime"):
+        return True
+    try:
+        since = datetime.fromisoformat(str(progressing["lastUpdateTime"]).replace("Z", "+00:00"))
+        current = datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return (current - since).total_seconds() >= SETTLE_S
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from phi3_operator.builders.common import API_VERSION, KIND
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
-from phi3_operator.podhealth import pod_problem
+from phi3_operator.podhealth import pod_problem, rollout_stuck
 from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
@@ -201,7 +201,7 @@ class Reconciler:
         """The Deployment's Available condition; while its pods do not come up, their status says why
         (OOMKilled at a limit, a failed fetch, an image pull): a person sees the cause, not only 0/1."""
         available, replicas, ready = deployment_available(deployment)
-        if deployment is None or available.reason != "RolloutInProgress":
+        if deployment is None or available.reason != "RolloutInProgress" or not rollout_stuck(deployment, self.clock()):
             return available, replicas, ready
         selector = deployment.get("spec", {}).get("selector", {}).get("matchLabels", {})
         problem = pod_problem(self.api.list_pods(deployment["metadata"]["namespace"], selector))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from phi3_operator.podhealth import pod_problem
+from phi3_operator.podhealth import pod_problem, rollout_stuck
 
 
 def pod(init: list[dict[str, Any]] | None = None, containers: list[dict[str, Any]] | None = None,
@@ -77,3 +77,10 @@ def test_a_starting_pod_explains_nothing() -> None:
 def test_long_messages_are_cut_to_their_tail() -> None:
     found = pod_problem([pod(init=[{"name": "fetch-model", "state": terminated("Error", 1, "x" * 5000 + " END")}])])
     assert found is not None and found.message.endswith("END") and len(found.message) < 800
+
+
+@pytest.mark.parametrize("updated, stuck", [("2026-01-01T00:00:00Z", True), ("2026-01-01T00:00:55Z", False)])
+def test_pods_are_read_only_once_a_rollout_has_stalled(updated: str, stuck: bool) -> None:
+    deployment = {"status": {"conditions": [{"type": "Progressing", "lastUpdateTime": updated}]}}
+    assert rollout_stuck(deployment, "2026-01-01T00:01:00Z") is stuck
+    assert rollout_stuck({"status": {}}, "2026-01-01T00:01:00Z") is True
