@@ -1,20 +1,25 @@
-"""Data-plane benchmark: the runtime against a bare onnxruntime-genai loop on the same tiny model.
+"""Data-plane benchmark: the runtime against bare onnxruntime-genai loops on the same models.
 
-    .venv/bin/python bench/serving.py [--quick]
+    .venv/bin/python bench/serving.py [--quick] [--only batching]
 
 Writes bench/results/serving.json with, measured side by side in one run:
 - wrapper tokens/s (the logged pyfunc's predict) over a bare og.Generator loop (target >= 0.97);
 - HTTP overhead per request, p50 of served latency minus p50 of direct predict latency (target < 5 ms);
 - time to first streamed token over HTTP (p50, p90);
-- throughput at 1, 4 and 8 concurrent clients against `phi3-operator serve`.
+- throughput at 1, 4 and 8 concurrent clients against `phi3-operator serve`;
+- batching: the og.Engine runtime against the per-request og.Generator runtime and a bare og.Engine
+  loop, through HTTP with the openai SDK streaming at 1, 2, 4, 8 and 16 clients, on the tiny model
+  and on the Phi-3-mini-shaped one (targets at 8 clients: >= 2.5x the per-request runtime's
+  aggregate tokens/s, >= 0.9x the bare Engine; at 1 client: >= 0.95x the per-request runtime).
 
-The bare loop and the wrapper alternate, run after run, so machine noise hits both alike.
+Contenders alternate, level by level, so machine noise hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -42,7 +47,12 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 from tests.support.serving import ServedProcess  # noqa: E402
-from tests.support.tiny_model import TinyModelSpec, build_tiny_model, cache_key  # noqa: E402
+from tests.support.tiny_model import (  # noqa: E402
+    PHI3_MINI_SHAPED,
+    TinyModelSpec,
+    build_tiny_model,
+    cache_key,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results" / "serving.json"
 VARIANT = "cpu-int4"
@@ -252,6 +262,166 @@ def throughput(served: ServedProcess, clients: int, requests_per_client: int, ma
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Batching: og.Engine runtime vs per-request og.Generator runtime vs a bare og.Engine loop
+
+CLIENT_LEVELS = (1, 2, 4, 8, 16)
+BENCH_MAX_BATCH = 16  # spec.serving.maxBatchSize for the bench: room for 16 clients
+
+
+def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
+    """`clients` threads, each streaming `requests_per_client` answers of exactly `max_tokens` tokens."""
+    from openai import OpenAI
+
+    ttft: list[float] = []
+    gaps: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def client() -> None:
+        nonlocal tokens
+        sdk = OpenAI(base_url=f"{served.base_url}/v1", api_key="-", max_retries=0, timeout=600)
+        for _ in range(requests_per_client):
+            started = time.perf_counter()
+            arrivals: list[float] = []
+            usage = None
+            for chunk in sdk.chat.completions.create(
+                model="bench",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"min_tokens": max_tokens},  # every contender generates the same tokens
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    arrivals.append(time.perf_counter())
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            with lock:
+                if arrivals:
+                    ttft.append(arrivals[0] - started)
+                    gaps.extend(later - earlier for earlier, later in itertools.pairwise(arrivals))
+                tokens += usage.completion_tokens if usage is not None else 0
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": clients * requests_per_client,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": statistics.median(ttft) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 0.99) * 1e3,
+        "itl_p50_ms": statistics.median(gaps) * 1e3 if gaps else None,
+    }
+
+
+def bare_engine(model_dir: Path, max_batch: int) -> Callable[[int, int, int], dict[str, Any]]:
+    """The loop onnxruntime-genai's engine examples use: begin every turn, run until none is pending."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": max_batch}}}))
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
+    box: dict[str, Any] = {}
+    token_flag = int(og.EngineEventFlags.TOKEN)
+
+    def run(clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
+        engine = box.get("engine")
+        if engine is None:  # an engine answers only the thread that made it: make it on the caller's
+            engine = box["engine"] = og.Engine(model)
+            box["events"] = engine.create_event_buffer(256)
+        prompt = np.asarray(
+            tokenizer.encode(tokenizer.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True)),
+            dtype=np.int32,
+        )
+        tokens = 0
+        started = time.perf_counter()
+        for _ in range(requests_per_client):
+            requests = []
+            for _ in range(clients):
+                request = engine.create_request()
+                options = og.TurnOptions(request)
+                options.set_max_generated_tokens(max_tokens)
+                options.set_min_generated_tokens(max_tokens)
+                options.set_do_sample(False)
+                request.begin_turn(prompt, options)
+                requests.append(request)
+            streams = {id(request): tokenizer.create_stream() for request in requests}
+            while engine.has_pending_requests():
+                for event in engine.run(box["events"]):
+                    if int(event.flags) & token_flag:
+                        streams[id(event.request)].decode(event.token)
+                        tokens += 1
+            for request in requests:
+                request.close()
+        wall = time.perf_counter() - started
+        return {"clients": clients, "requests": clients * requests_per_client, "tokens_per_s": tokens / wall}
+
+    return run
+
+
+def batching_comparison(
+    name: str, model_path: Path, variant_dir: Path, scratch: Path, max_tokens: int, tokens_per_level: int
+) -> dict[str, Any]:
+    """The three contenders on one model, level by level, each level run by all three in turn."""
+    base_env = {"PHI3_ONNX_VARIANT": VARIANT, "PHI3_MAX_TOKENS": str(max_tokens)}
+    batch_env = {**base_env, "PHI3_ONNX_ENGINE": "batch", "PHI3_MAX_BATCH_SIZE": str(BENCH_MAX_BATCH)}
+    generator_env = {**base_env, "PHI3_ONNX_ENGINE": "generator", "PHI3_MAX_CONCURRENCY": str(max(CLIENT_LEVELS))}
+    rows: dict[str, list[dict[str, Any]]] = {
+        "batch_engine_http": [],
+        "per_request_generator_http": [],
+        "bare_engine": [],
+    }
+    bare = bare_engine(variant_dir, BENCH_MAX_BATCH)
+    with (
+        ServedProcess(str(model_path), "bench", scratch / f"{name}-batch.log", env=batch_env) as batch_server,
+        ServedProcess(str(model_path), "bench", scratch / f"{name}-generator.log", env=generator_env) as gen_server,
+    ):
+        for server in (batch_server, gen_server):  # warm-up: first requests pay for lazy setup
+            sdk_streams(server, 2, 1, 4)
+        bare(2, 1, 4)
+        choice = next(
+            (line for line in batch_server.log_tail(400).splitlines() if "lone requests on" in line), "not logged"
+        )
+        for clients in CLIENT_LEVELS:
+            per_client = max(1, tokens_per_level // (clients * max_tokens))
+            print(f"  {name}: {clients} clients x {per_client} requests x {max_tokens} tokens", flush=True)
+            rows["batch_engine_http"].append(sdk_streams(batch_server, clients, per_client, max_tokens))
+            rows["per_request_generator_http"].append(sdk_streams(gen_server, clients, per_client, max_tokens))
+            rows["bare_engine"].append(bare(clients, per_client, max_tokens))
+    ratios = []
+    for batch_row, gen_row, bare_row in zip(*rows.values(), strict=True):
+        ratios.append(
+            {
+                "clients": batch_row["clients"],
+                "batch_over_per_request": batch_row["tokens_per_s"] / gen_row["tokens_per_s"],
+                "batch_http_over_bare_engine": batch_row["tokens_per_s"] / bare_row["tokens_per_s"],
+            }
+        )
+    at = {row["clients"]: row for row in ratios}
+    return {
+        "max_tokens": max_tokens,
+        "max_batch_size": BENCH_MAX_BATCH,
+        "runtime_engine_choice": choice.split("og.Engine", 1)[-1].strip(),
+        **rows,
+        "ratios": ratios,
+        "targets": {
+            "8_clients_batch_over_per_request": {"target": 2.5, "measured": at[8]["batch_over_per_request"]},
+            "1_client_batch_over_per_request": {"target": 0.95, "measured": at[1]["batch_over_per_request"]},
+            "8_clients_batch_http_over_bare_engine": {
+                "target": 0.9,
+                "measured": at[8]["batch_http_over_bare_engine"],
+            },
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def versions() -> dict[str, str]:
@@ -263,8 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=("batching",), help="run only this part (keeps the rest of the JSON)")
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
+    if args.only == "batching":
+        previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+        previous["batching"] = run_batching(scale)
+        previous["batching_created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        args.output.write_text(json.dumps(previous, indent=2) + "\n")
+        print_batching(previous["batching"])
+        print(f"wrote {args.output}")
+        return 0
 
     import mlflow.pyfunc
 
@@ -326,13 +505,51 @@ def main(argv: list[str] | None = None) -> int:
         "time_to_first_token": ttft,
         "throughput": {"max_concurrency": MAX_CONCURRENCY, "max_tokens": 128, "by_clients": scaling},
     }
+    result["batching"] = run_batching(scale)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print_batching(result["batching"])
     print(json.dumps({k: result[k] for k in ("tokens_per_s", "http_overhead", "time_to_first_token")}, indent=2))
     for row in scaling:
         print(f"{row['clients']} clients: {row['tokens_per_s']:.0f} tokens/s, p50 {row['latency_p50_ms']:.1f} ms")
     print(f"wrote {args.output}")
     return 0
+
+
+def run_batching(scale: float) -> dict[str, Any]:
+    from phi3_serving.packaging import save_onnx_model
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="phi3-bench-batching-") as scratch_name:
+        scratch = Path(scratch_name)
+        # The Phi-3-mini-shaped model runs ~30-100 tokens/s on 2 cores: fewer tokens per level.
+        for name, spec, max_tokens, tokens_per_level in (
+            ("tiny", TinyModelSpec(), 64, int(4096 * scale) or 512),
+            ("phi3_mini_shaped", PHI3_MINI_SHAPED, 32, max(256, int(512 * scale))),
+        ):
+            print(f"batching on the {name} model ...", flush=True)
+            model = build_tiny_model(scratch / name, spec)
+            model_path = save_onnx_model(model.onnx_dir, scratch / f"{name}-mlflow")
+            results[name] = {
+                "spec": spec.__dict__ | {"variants": list(spec.variants)},
+                **batching_comparison(
+                    name, model_path, model.variant_dir(VARIANT), scratch, max_tokens, tokens_per_level
+                ),
+            }
+    return results
+
+
+def print_batching(batching: dict[str, Any]) -> None:
+    for name, result in batching.items():
+        for batch_row, gen_row, bare_row in zip(
+            result["batch_engine_http"], result["per_request_generator_http"], result["bare_engine"], strict=True
+        ):
+            print(
+                f"{name} {batch_row['clients']:>2} clients: engine {batch_row['tokens_per_s']:8.1f} tok/s "
+                f"(TTFT p50 {batch_row['ttft_p50_ms']:.0f} ms), per-request {gen_row['tokens_per_s']:8.1f}, "
+                f"bare engine {bare_row['tokens_per_s']:8.1f}"
+            )
+        print(f"{name} targets: {json.dumps(result['targets'])}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -22,8 +22,10 @@ from phi3_serving.chat import (
     chat_completion_chunk,
     new_completion_id,
     parse_chat_request,
+    parse_tool_call,
     usage_dict,
 )
+from phi3_serving.metrics import ModelMetrics
 
 ENV_MAX_CONCURRENCY = "PHI3_MAX_CONCURRENCY"
 DEFAULT_MAX_CONCURRENCY = 4
@@ -60,11 +62,35 @@ class ChatEngine(Protocol):
 PreparedT = TypeVar("PreparedT")
 
 
+class CancellableStream(Iterator[StreamEvent]):
+    """A stream that another thread may cancel while its reader is blocked waiting for a token.
+
+    Closing a Python generator only works from the thread that runs it; a request still waiting
+    for a batch slot would otherwise be started (and computed) before its reader noticed that
+    the client had gone. `cancel` is thread-safe and ends the stream at once.
+    """
+
+    def __init__(self, events: Generator[StreamEvent, None, None], cancel: Callable[[], None]) -> None:
+        self._events = events
+        self.cancel = cancel
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class PreparedChatEngine(ABC, Generic[PreparedT]):
     """A ChatEngine that checks and tokenizes a request first (raising at once), then generates lazily."""
 
     _model_id: str
     _defaults: GenerationDefaults
+    metrics: ModelMetrics | None = None
+
+    def attach_metrics(self, metrics: ModelMetrics) -> None:
+        """Report to these metrics from now on (the runtime does; a plain pyfunc does not)."""
+        self.metrics = metrics
 
     @property
     def model_id(self) -> str:
@@ -75,7 +101,7 @@ class PreparedChatEngine(ABC, Generic[PreparedT]):
         return self._defaults
 
     def complete(self, request: ChatRequest) -> Completion:
-        return collect(self.stream(request))
+        return with_tool_calls(collect(self.stream(request)), request)
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         return self._generate(self._prepare(request))
@@ -101,6 +127,22 @@ def collect(events: Iterable[StreamEvent]) -> Completion:
         finish_reason=completion.finish_reason,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
+    )
+
+
+def with_tool_calls(completion: Completion, request: ChatRequest) -> Completion:
+    """An answer that is a call of one of the request's tools, as OpenAI returns it: `tool_calls`."""
+    if not request.tools:
+        return completion
+    call = parse_tool_call(completion.text.strip(), request.tools)
+    if call is None:
+        return completion
+    return Completion(
+        text="",
+        finish_reason="tool_calls",
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        tool_calls=(call,),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from phi3_serving.chat import GenerationDefaults
 from phi3_serving.engine import ChatEngine, max_concurrency_from_env
+from phi3_serving.metrics import ModelMetrics
 
 
 class UnsupportedModel(ValueError):
@@ -45,10 +46,11 @@ def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, 
         from phi3_serving.transformers_model import engine_from_pyfunc
 
         max_concurrency = max_concurrency_from_env(env)
-        engine: ChatEngine = engine_from_pyfunc(
+        transformers_engine = engine_from_pyfunc(
             pyfunc_model, name=name, defaults=GenerationDefaults.from_env(env), max_concurrency=max_concurrency
         )
-        return ServedModel(pyfunc_model, engine, TRANSFORMERS_FLAVOR, max_concurrency)
+        transformers_engine.attach_metrics(ModelMetrics(name))
+        return ServedModel(pyfunc_model, transformers_engine, TRANSFORMERS_FLAVOR, max_concurrency)
 
     from phi3_serving.onnx_model import FLAVOR as ONNX_FLAVOR
     from phi3_serving.onnx_model import OnnxGenAIChatModel
@@ -60,6 +62,7 @@ def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, 
     if not isinstance(python_model, OnnxGenAIChatModel):
         raise UnsupportedModel(_unsupported(model_uri, flavors))
     onnx_engine = python_model.engine
+    onnx_engine.attach_metrics(ModelMetrics(name))
     return ServedModel(pyfunc_model, onnx_engine, ONNX_FLAVOR, onnx_engine.max_concurrency)
 
 

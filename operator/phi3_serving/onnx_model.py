@@ -1,9 +1,13 @@
 """The ONNX GenAI flavor: an onnxruntime-genai model folder served as an MLflow pyfunc.
 
-`OnnxGenAIEngine` drives onnxruntime-genai 0.18 directly: one `og.Generator` per request,
-`append_tokens`, `generate_next_token` and a tokenizer stream. `OnnxGenAIChatModel` is the
-`mlflow.pyfunc.PythonModel` logged by `phi3-operator package onnx` (models-from-code, see
-`onnx_model_entry.py`); it loads the variant the operator names in PHI3_ONNX_VARIANT.
+Two engines share the loading, templating and validation in `OnnxEngineBase`:
+- `OnnxGenAIEngine` drives onnxruntime-genai 0.18 directly: one `og.Generator` per request,
+  `append_tokens`, `generate_next_token` and a tokenizer stream (PHI3_ONNX_ENGINE=generator);
+- `batching.OnnxBatchEngine` batches requests on `og.Engine` (the default).
+
+`OnnxGenAIChatModel` is the `mlflow.pyfunc.PythonModel` logged by `phi3-operator package onnx`
+(models-from-code, see `onnx_model_entry.py`); it loads the variant the operator names in
+PHI3_ONNX_VARIANT with the engine PHI3_ONNX_ENGINE names.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from phi3_serving.chat import (
     ChatRequest,
     Completion,
     GenerationDefaults,
+    Guidance,
     InvalidRequestError,
     StopSequenceFilter,
 )
@@ -32,6 +37,7 @@ from phi3_serving.engine import (
     predict_stream_with,
     predict_with,
 )
+from phi3_serving.metrics import ModelMetrics, RequestMeter
 from phi3_serving.variants import (
     ENV_VARIANT,
     OnnxVariant,
@@ -45,9 +51,16 @@ from phi3_serving.variants import (
 ARTIFACT_KEY = "onnx_model"
 FLAVOR = "onnx-genai"
 
+# Which engine serves the model: "batch" (og.Engine, with a measured per-request path for a lone
+# request), or "generator" (one og.Generator per request, the engine before batching).
+ENV_ENGINE = "PHI3_ONNX_ENGINE"
+ENGINES = ("batch", "generator")
+
 # Phi-3's format, for a tokenizer that ships no chat template of its own.
 _FALLBACK_TEMPLATE_ROLE = "<|{role}|>\n{content}<|end|>\n"
 _FALLBACK_GENERATION_PROMPT = "<|assistant|>\n"
+# Grammars known to compile; a service sees few distinct schemas, so a small set suffices.
+_GRAMMARS_REMEMBERED = 256
 
 
 def cuda_available() -> bool:
@@ -68,43 +81,26 @@ class _PreparedRequest:
     request: ChatRequest
 
 
-class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
-    """One loaded onnxruntime-genai model; thread-safe, at most `max_concurrency` generations at once."""
+class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
+    """What both ONNX engines share: the model, its tokenizer, prompt rendering and validation."""
 
-    def __init__(
-        self,
-        variant: OnnxVariant,
-        *,
-        defaults: GenerationDefaults | None = None,
-        max_concurrency: int = 4,
-    ) -> None:
+    # Threads that may run `stream` at once; the runtime sizes its pool from it.
+    max_concurrency: int
+
+    def __init__(self, variant: OnnxVariant, *, defaults: GenerationDefaults | None, model: Any = None) -> None:
         import onnxruntime_genai as og
 
         self._og = og
         self.variant = variant
-        config = read_genai_config(variant.path)
-        self.context_length = context_length(config)
-        self._model = og.Model(str(variant.path))
+        self.genai_config = read_genai_config(variant.path)
+        self.context_length = context_length(self.genai_config)
+        self._model = model if model is not None else og.Model(str(variant.path))
         self._tokenizer = og.Tokenizer(self._model)
         self._eos_token_ids = frozenset(int(token) for token in self._tokenizer.eos_token_ids)
         self._defaults = defaults or GenerationDefaults()
-        self.max_concurrency = max_concurrency
-        # One Generator per request shares the model; the bound keeps memory and latency sane.
-        self._slots = threading.BoundedSemaphore(max_concurrency)
         self._model_id = f"onnx-genai/{variant.name}"
-
-    @classmethod
-    def from_folder(cls, root: Path, env: Mapping[str, str] | None = None) -> OnnxGenAIEngine:
-        """Load the variant PHI3_ONNX_VARIANT names (or the one that fits this machine) from `root`."""
-        env = os.environ if env is None else env
-        variant = choose_variant(find_variants(root), env.get(ENV_VARIANT) or None, cuda_available())
-        return cls(
-            variant,
-            defaults=GenerationDefaults.from_env(env),
-            max_concurrency=max_concurrency_from_env(env),
-        )
-
-    # -- internals -----------------------------------------------------------------------------
+        self.metrics: ModelMetrics | None = None
+        self._good_grammars: set[tuple[str, str]] = set()
 
     def render_prompt(self, request: ChatRequest) -> str:
         """The text the model sees: a raw prompt as is, chat messages through the chat template."""
@@ -117,7 +113,31 @@ class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
             rendered = "".join(_FALLBACK_TEMPLATE_ROLE.format(**message) for message in messages)
             return rendered + _FALLBACK_GENERATION_PROMPT
 
+    def _check_guidance(self, guidance: Guidance) -> None:
+        """Compile the grammar here, so a bad schema is a 400 before any generation starts.
+
+        onnxruntime-genai compiles a grammar when a Generator is made from the params; a Generator
+        two tokens long costs little. Grammars that compiled are remembered.
+        """
+        key = (guidance.kind, guidance.grammar)
+        if key in self._good_grammars:
+            return
+        try:
+            params = self._og.GeneratorParams(self._model)
+            params.set_search_options(max_length=2)
+            params.set_guidance(guidance.kind, guidance.grammar)
+            self._og.Generator(self._model, params)
+        except Exception as error:
+            raise InvalidRequestError(
+                f"'{guidance.param}' cannot be used to guide generation: {error}", param=guidance.param
+            ) from None
+        if len(self._good_grammars) >= _GRAMMARS_REMEMBERED:
+            self._good_grammars.clear()
+        self._good_grammars.add(key)
+
     def _prepare(self, request: ChatRequest) -> _PreparedRequest:
+        if request.options.guidance is not None:
+            self._check_guidance(request.options.guidance)
         input_ids = self._tokenizer.encode(self.render_prompt(request))
         prompt_tokens = len(input_ids)
         if prompt_tokens >= self.context_length:
@@ -136,7 +156,8 @@ class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
             request=request,
         )
 
-    def _generator_params(self, prepared: _PreparedRequest) -> Any:
+    def generator_params(self, prepared: _PreparedRequest) -> Any:
+        """GeneratorParams for the per-request path: sampling, seed, length and guidance."""
         options = prepared.request.options
         params = self._og.GeneratorParams(self._model)
         search: dict[str, Any] = {"max_length": prepared.max_length}
@@ -146,13 +167,55 @@ class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
             search.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
             if options.top_k is not None:
                 search["top_k"] = options.top_k
+        if options.seed is not None:
+            search["random_seed"] = options.seed
+        if options.min_tokens:
+            search["min_length"] = min(prepared.max_length, len(prepared.input_ids) + options.min_tokens)
         params.set_search_options(**search)
+        if options.guidance is not None:
+            params.set_guidance(options.guidance.kind, options.guidance.grammar)
         return params
+
+
+class OnnxGenAIEngine(OnnxEngineBase):
+    """One og.Generator per request; thread-safe, at most `max_concurrency` generations at once."""
+
+    def __init__(
+        self,
+        variant: OnnxVariant,
+        *,
+        defaults: GenerationDefaults | None = None,
+        max_concurrency: int = 4,
+    ) -> None:
+        super().__init__(variant, defaults=defaults)
+        self.max_concurrency = max_concurrency
+        # One Generator per request shares the model; the bound keeps memory and latency sane.
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+
+    @classmethod
+    def from_folder(cls, root: Path, env: Mapping[str, str] | None = None) -> OnnxEngineBase:
+        """Load the variant PHI3_ONNX_VARIANT names (or the one that fits this machine) from `root`,
+        with the engine PHI3_ONNX_ENGINE names."""
+        env = os.environ if env is None else env
+        variant = choose_variant(find_variants(root), env.get(ENV_VARIANT) or None, cuda_available())
+        defaults = GenerationDefaults.from_env(env)
+        kind = env.get(ENV_ENGINE) or "batch"
+        if kind not in ENGINES:
+            raise ValueError(f"{ENV_ENGINE} must be one of {', '.join(ENGINES)}, got {kind!r}")
+        if kind == "generator":
+            return cls(variant, defaults=defaults, max_concurrency=max_concurrency_from_env(env))
+        from phi3_serving.batching import OnnxBatchEngine, batch_options_from_env
+
+        return OnnxBatchEngine(variant, defaults=defaults, options=batch_options_from_env(env))
+
+    # -- internals -----------------------------------------------------------------------------
 
     def _generate(self, prepared: _PreparedRequest) -> Iterator[StreamEvent]:
         stop_filter = StopSequenceFilter(prepared.request.options.stop) if prepared.request.options.stop else None
+        meter = RequestMeter(self.metrics, len(prepared.input_ids))
+        finish_reason = "cancelled"
         with self._slots:
-            generator = self._og.Generator(self._model, self._generator_params(prepared))
+            generator = self._og.Generator(self._model, self.generator_params(prepared))
             try:
                 generator.append_tokens(prepared.input_ids)
                 decode = self._tokenizer.create_stream().decode
@@ -163,6 +226,7 @@ class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
                     generator.generate_next_token()
                     token = int(generator.get_next_tokens()[0])
                     generated += 1
+                    meter.token()
                     piece = decode(token)
                     if stop_filter is not None:
                         piece = stop_filter.feed(piece)
@@ -172,18 +236,21 @@ class OnnxGenAIEngine(PreparedChatEngine[_PreparedRequest]):
                             break
                     if piece:
                         yield StreamEvent(piece)
+                stopped = token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
+                finish_reason = "stop" if stopped else "length"
             finally:
                 del generator
+                # Counted as finished here: closing this stream is what stops the compute.
+                meter.finish(finish_reason)
         if stop_filter is not None and not stop_filter.stopped:
             tail = stop_filter.flush()
             if tail:
                 yield StreamEvent(tail)
-        stopped = token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
         yield StreamEvent(
             "",
             Completion(
                 text="",
-                finish_reason="stop" if stopped else "length",
+                finish_reason=finish_reason,
                 prompt_tokens=len(prepared.input_ids),
                 completion_tokens=generated,
             ),
@@ -199,13 +266,13 @@ class OnnxGenAIChatModel(PythonModel):
     """
 
     def __init__(self) -> None:
-        self._engine: OnnxGenAIEngine | None = None
+        self._engine: OnnxEngineBase | None = None
 
     def load_context(self, context: Any) -> None:
         self._engine = OnnxGenAIEngine.from_folder(Path(context.artifacts[ARTIFACT_KEY]))
 
     @property
-    def engine(self) -> OnnxGenAIEngine:
+    def engine(self) -> OnnxEngineBase:
         if self._engine is None:
             raise RuntimeError("the model is not loaded yet (load_context has not run)")
         return self._engine

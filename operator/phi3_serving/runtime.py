@@ -1,4 +1,4 @@
-"""The MLServer runtime: V2 inference plus OpenAI's chat API and MLflow's /invocations.
+"""The MLServer runtime: V2 inference plus OpenAI's chat and completions APIs and MLflow's /invocations.
 
 Kept thin on purpose (MLServer 1.7.1 is its last release): loading and generation live in
 `loading`, `engine` and the flavor modules, so this class could move to another server.
@@ -24,6 +24,7 @@ from mlserver import MLModel
 from mlserver.codecs import StringCodec
 from mlserver.errors import MLServerError
 from mlserver.handlers import custom_handler
+from mlserver.logging import logger
 from mlserver.types import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,11 +35,11 @@ from phi3_serving.chat import (
     InvalidRequestError,
     chat_completion,
     error_body,
-    new_completion_id,
     parse_chat_request,
 )
-from phi3_serving.engine import ChatEngine, StreamEvent, event_chunks, role_chunk
+from phi3_serving.engine import ChatEngine, StreamEvent
 from phi3_serving.loading import ServedModel, load_served_model
+from phi3_serving.openai_serving import Endpoint, StreamShaper, check_model, check_text_request, response_body
 
 # The V2 request parameters we read as generation options.
 _V2_OPTION_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop")
@@ -87,6 +88,7 @@ class _ThreadedStream:
         self._cancelled = threading.Event()
         self._engine = engine
         self._request = request
+        self._events: Iterator[StreamEvent] | None = None
         self._future = self._loop.run_in_executor(pool, self._produce)
 
     def _put(self, item: object) -> None:
@@ -114,7 +116,7 @@ class _ThreadedStream:
     def _produce(self) -> None:
         events: Iterator[StreamEvent] | None = None
         try:
-            events = self._engine.stream(self._request)
+            events = self._events = self._engine.stream(self._request)
             self._put(self._STARTED)
             for event in events:
                 if self._cancelled.is_set():
@@ -158,6 +160,9 @@ class _ThreadedStream:
         finally:
             # The client went away (or we are done): stop generating for nobody.
             self._cancelled.set()
+            cancel = getattr(self._events, "cancel", None)
+            if cancel is not None:
+                cancel()  # ends it now, even while it still waits for a batch slot
 
 
 class Phi3Runtime(MLModel):  # type: ignore[misc]
@@ -178,6 +183,9 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             LOAD_FAILURES.append(f"{self.name}: {type(error).__name__}: {error}")
             raise
         self._engine: ChatEngine = self._served.engine
+        describe = getattr(self._engine, "describe", None)
+        if describe is not None:
+            logger.info("%s: %s", self.name, describe())
         self._pool = ThreadPoolExecutor(
             max_workers=self._served.max_concurrency, thread_name_prefix=f"phi3-{self.name}"
         )
@@ -188,6 +196,9 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(getattr(self, "_engine", None), "close", None)
+        if close is not None:
+            close()  # the batching engine's scheduler thread
         return True
 
     # -- generation, off the loop --------------------------------------------------------------
@@ -253,33 +264,46 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
 
     @_route("/v1/chat/completions")
     async def openai_chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, "chat")
+
+    @_route("/v1/completions")
+    async def openai_completions(self, request: Request) -> Response:
+        """The legacy text-completion endpoint that evaluation harnesses and older clients call."""
+        return await self._openai(request, "text")
+
+    async def _openai(self, request: Request, endpoint: Endpoint) -> Response:
         body, problem = await _read_json(request)
         if problem is not None:
             return problem
         try:
+            if endpoint == "text":
+                check_text_request(body)
             chat_request = parse_chat_request(body, self._engine.defaults)
+            missing = check_model(chat_request, self.name)
+            if missing is not None:
+                return JSONResponse(missing, status_code=404)
             if chat_request.stream:
                 stream = await self._start_stream(chat_request)
+                shaper = StreamShaper(endpoint, chat_request, model=self.name)
                 return StreamingResponse(
-                    self._sse(stream),
+                    self._sse(stream, shaper),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             completion = await self._complete(chat_request)
         except InvalidRequestError as error:
             return _invalid(error)
-        return JSONResponse(chat_completion(completion, model=self.name))
+        return JSONResponse(response_body(endpoint, completion, model=self.name))
 
-    async def _sse(self, stream: _ThreadedStream) -> AsyncIterator[bytes]:
-        ids = {"model": self.name, "completion_id": new_completion_id(), "created": int(time.time())}
-        yield _sse_event(role_chunk(**ids))
+    async def _sse(self, stream: _ThreadedStream, shaper: StreamShaper) -> AsyncIterator[bytes]:
+        yield b"".join(_sse_event(chunk) for chunk in shaper.opening())
         batches = stream.batches()
         try:
             async for batch in batches:
                 # One write per batch: each event stays its own SSE chunk, as OpenAI clients expect.
-                yield b"".join(_sse_event(chunk) for event in batch for chunk in event_chunks(event, **ids))
+                yield b"".join(_sse_event(chunk) for event in batch for chunk in shaper.chunks(event))
         except Exception as error:  # the 200 is already sent: tell the client in-band
-            yield _sse_event(error_body(f"generation failed: {error}", error_type="server_error"))
+            yield _sse_event(shaper.error(f"generation failed: {error}"))
         finally:
             await batches.aclose()
         yield b"data: [DONE]\n\n"

@@ -22,6 +22,7 @@ from phi3_serving.chat import (
     StopSequenceFilter,
 )
 from phi3_serving.engine import PreparedChatEngine, StreamEvent
+from phi3_serving.metrics import RequestMeter
 
 FLAVOR = "transformers"
 
@@ -76,6 +77,14 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
         )
 
     def _prepare(self, request: ChatRequest) -> _PreparedRequest:
+        guidance = request.options.guidance
+        if guidance is not None:
+            # transformers has no grammar-constrained decoding of its own; the ONNX flavor does.
+            raise InvalidRequestError(
+                f"'{guidance.param}' needs constrained decoding, which the transformers flavor does not offer; "
+                f"serve the model's ONNX flavor (phi3-operator package onnx) for structured output",
+                param=guidance.param,
+            )
         encoded = self._tokenizer(self.render_prompt(request), return_tensors="pt", add_special_tokens=False)
         input_ids = encoded["input_ids"]
         prompt_tokens = int(input_ids.shape[-1])
@@ -111,11 +120,15 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
 
         def run_generate() -> None:
             try:
+                if options.seed is not None:
+                    # torch's generator is per process: reproducible while seeded requests do not overlap.
+                    torch.manual_seed(options.seed)
                 with torch.inference_mode():
                     self._model.generate(
                         input_ids=prepared.input_ids,
                         attention_mask=torch.ones_like(prepared.input_ids),
                         max_new_tokens=prepared.max_new_tokens,
+                        min_new_tokens=min(options.min_tokens, prepared.max_new_tokens),
                         pad_token_id=self._pad_token_id,
                         eos_token_id=sorted(self._eos_token_ids) or None,
                         streamer=tokens,
@@ -131,12 +144,15 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
         decoder = _IncrementalDecoder(self._tokenizer)
         generated = 0
         last_token = -1
+        meter = RequestMeter(self.metrics, int(prepared.input_ids.shape[-1]))
+        finish_reason = "cancelled"
         with self._slots:
             worker = threading.Thread(target=run_generate, name="phi3-transformers-generate", daemon=True)
             worker.start()
             try:
                 for token in tokens:
                     generated += 1
+                    meter.token()
                     last_token = token
                     if token in self._eos_token_ids:
                         continue
@@ -149,10 +165,13 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
                             break
                     if piece:
                         yield StreamEvent(piece)
+                stopped = last_token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
+                finish_reason = "stop" if stopped else "length"
             finally:
                 halt.set()
                 # The queue is unbounded, so generate() never waits on us; it ends at its next step.
                 worker.join()
+                meter.finish("error" if failure else finish_reason)
         if failure:
             raise failure[0]
         if stop_filter is None or not stop_filter.stopped:
@@ -165,12 +184,11 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
             tail = stop_filter.flush()
             if tail:
                 yield StreamEvent(tail)
-        stopped = last_token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
         yield StreamEvent(
             "",
             Completion(
                 text="",
-                finish_reason="stop" if stopped else "length",
+                finish_reason=finish_reason,
                 prompt_tokens=int(prepared.input_ids.shape[-1]),
                 completion_tokens=generated,
             ),

@@ -17,6 +17,8 @@ REGISTERED_NAMES = {"onnx": "tiny-onnx", "transformers": "tiny-hf"}
 ALIAS = "champion"
 # What the operator sets from spec.generation; the tests check the runtime honours them.
 DEFAULT_MAX_TOKENS = 24
+# What the operator sets from spec.serving.maxBatchSize; small, so that batches fill and queue.
+MAX_BATCH_SIZE = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def served(
         "PHI3_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
         "PHI3_TEMPERATURE": "0.7",
         "PHI3_TOP_P": "0.95",
+        "PHI3_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
         "HOME": str(workdir),
         "TMPDIR": str(workdir),
     }

@@ -1,0 +1,476 @@
+"""Batched generation on onnxruntime-genai's request engine (`og.Engine`).
+
+One scheduler thread owns the engine: it admits turns, calls `engine.run()` and routes each token
+event to its request's queue. The threads that serve requests only submit, read their queue and
+decode, so the engine is never touched from two threads.
+
+What the engine can and cannot do decides the design (onnxruntime-genai 0.18, verified):
+- On CPU it batches statically: a turn that arrives while a batch runs waits until the whole batch
+  is done. Dynamic (continuous) batching needs a paged-attention export, which the model builder
+  makes only for CUDA and WebGPU. So on a static engine the scheduler holds arrivals itself and
+  admits them together, with a short window after a batch ends in which the clients that just got
+  their answers can send the next request and join the next batch, instead of one request starting
+  a batch alone and the rest waiting for it (a ping-pong that never batches).
+- Per-turn seeds and stop strings need dynamic batching. Stop strings are cut here, by the reader
+  (which then cancels the turn); a seeded request takes the per-request `og.Generator` path, whose
+  sampling is reproducible.
+- A lone request can be faster on the per-request path. Whether it is, is measured when the model
+  loads, and a request that finds the engine idle takes the faster path. The scheduler thread steps
+  those generators between engine steps, so the two never compete for the cores.
+- A reader that stops reading (the client went away, a stop string matched) cancels its turn; the
+  engine reports the turn finished as CANCELLED and the running gauge drops at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from phi3_serving.chat import ChatRequest, Completion, GenerationDefaults, StopSequenceFilter
+from phi3_serving.engine import CancellableStream, StreamEvent
+from phi3_serving.metrics import ModelMetrics, RequestMeter
+from phi3_serving.onnx_model import OnnxEngineBase, _PreparedRequest
+from phi3_serving.variants import OnnxVariant
+
+ENV_MAX_BATCH_SIZE = "PHI3_MAX_BATCH_SIZE"
+ENV_BATCH_WINDOW_MS = "PHI3_BATCH_WINDOW_MS"
+# "auto" measures at load whether a lone request is faster on a Generator; "generator" and
+# "engine" force the choice (the benchmark and tests use them to compare the paths).
+ENV_SOLO_PATH = "PHI3_SOLO_PATH"
+SOLO_PATHS = ("auto", "generator", "engine")
+DEFAULT_BATCH_WINDOW_S = 0.02
+# Threads that may wait on the engine at once: each open stream holds one while it reads.
+MAX_OPEN_STREAMS = 256
+# The per-request path must beat the engine by this much to be chosen; less is noise.
+_SOLO_MARGIN = 1.05
+_CALIBRATION_TOKENS = 16
+
+_FINISH_REASONS = {
+    "EOS": "stop",
+    "STOP_STRING": "stop",
+    "MAX_GENERATED_TOKENS": "length",
+    "MAX_SESSION_TOKENS": "length",
+    "CANCELLED": "cancelled",
+    "FAILED": "error",
+}
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    max_batch_size: int | None = None  # None: the engine's own configured_max_batch_size
+    batch_window_s: float = DEFAULT_BATCH_WINDOW_S
+    solo_path: str = "auto"
+
+
+def batch_options_from_env(env: Mapping[str, str]) -> BatchOptions:
+    raw_batch = env.get(ENV_MAX_BATCH_SIZE, "")
+    max_batch: int | None = None
+    if raw_batch:
+        try:
+            max_batch = int(raw_batch)
+        except ValueError:
+            max_batch = 0
+        if not 1 <= max_batch <= 256:
+            raise ValueError(f"{ENV_MAX_BATCH_SIZE} must be an integer from 1 to 256, got {raw_batch!r}")
+    raw_window = env.get(ENV_BATCH_WINDOW_MS, "")
+    window = DEFAULT_BATCH_WINDOW_S
+    if raw_window:
+        try:
+            window = float(raw_window) / 1000
+        except ValueError:
+            window = -1.0
+        if not 0 <= window <= 10:
+            raise ValueError(f"{ENV_BATCH_WINDOW_MS} must be milliseconds from 0 to 10000, got {raw_window!r}")
+    solo = env.get(ENV_SOLO_PATH) or "auto"
+    if solo not in SOLO_PATHS:
+        raise ValueError(f"{ENV_SOLO_PATH} must be one of {', '.join(SOLO_PATHS)}, got {solo!r}")
+    return BatchOptions(max_batch_size=max_batch, batch_window_s=window, solo_path=solo)
+
+
+@dataclass(frozen=True)
+class _End:
+    """The last item on a turn's queue."""
+
+    finish_reason: str
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Turn:
+    prepared: _PreparedRequest
+    meter: RequestMeter
+    tokens: queue.SimpleQueue[int | _End] = field(default_factory=queue.SimpleQueue)
+    request: Any = None  # og.Request once admitted to the engine
+    turn_id: int = 0
+    generator: Any = None  # og.Generator on the per-request path
+    started: bool = False
+    done: bool = False
+
+
+class OnnxBatchEngine(OnnxEngineBase):
+    """An onnxruntime-genai model served by one og.Engine; thread-safe."""
+
+    def __init__(
+        self,
+        variant: OnnxVariant,
+        *,
+        defaults: GenerationDefaults | None = None,
+        options: BatchOptions | None = None,
+    ) -> None:
+        import onnxruntime_genai as og
+
+        options = options or BatchOptions()
+        config = og.Config(str(variant.path))
+        engine_section = read_engine_section(variant.path)
+        self.dynamic = "dynamic_batching" in engine_section
+        if options.max_batch_size is not None:
+            section = "dynamic_batching" if self.dynamic else "static_batching"
+            config.overlay(f'{{"engine": {{"{section}": {{"max_batch_size": {options.max_batch_size}}}}}}}')
+        super().__init__(variant, defaults=defaults, model=og.Model(config))
+        self._token_flag = int(og.EngineEventFlags.TOKEN)
+        self._finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
+        self._failed_flag = int(og.EngineEventFlags.FAILED)
+        self.max_concurrency = MAX_OPEN_STREAMS
+        self._window_s = options.batch_window_s
+        self._model_id = f"onnx-genai/{variant.name}"
+
+        self._lock = threading.Condition()
+        self._arrivals: deque[_Turn] = deque()
+        self._cancels: deque[_Turn] = deque()
+        self._closed = False
+        # Scheduler-thread state.
+        self._in_engine: dict[int, _Turn] = {}  # id(og.Request) -> turn
+        self._solo: list[_Turn] = []
+        self._batch_ended_at = 0.0
+        self._last_batch = 0
+
+        self._solo_path = options.solo_path
+        self.solo_speedup: float | None = None
+        self.solo_enabled = options.solo_path == "generator"
+        self.max_batch_size = 0
+        # og.Engine answers only the thread that created it: the scheduler thread creates it,
+        # measures the lone-request paths, and then serves.
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="phi3-engine-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._og.Engine(self._model)
+            self.max_batch_size = int(self._engine.get_capabilities().configured_max_batch_size)
+            self._events = self._engine.create_event_buffer(max(64, 4 * self.max_batch_size))
+            if self._solo_path == "auto":
+                self.solo_speedup = self._measure_solo_speedup()
+                self.solo_enabled = self.solo_speedup >= _SOLO_MARGIN
+        except BaseException as error:
+            self._startup_error = error
+            return
+        finally:
+            self._ready.set()
+        self._schedule()
+
+    def describe(self) -> str:
+        """One log line: how requests are batched, and which path a lone request takes and why."""
+        speedup = "forced" if self.solo_speedup is None else f"measured Generator/engine {self.solo_speedup:.2f}x"
+        return (
+            f"og.Engine ({'dynamic' if self.dynamic else 'static'} batching, max batch {self.max_batch_size}); "
+            f"lone requests on {'a Generator' if self.solo_enabled else 'the engine'} ({speedup})"
+        )
+
+    def attach_metrics(self, metrics: ModelMetrics) -> None:
+        self.metrics = metrics
+        metrics.set_max_batch(self.max_batch_size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join(timeout=5)
+
+    # -- the reader's side (any thread) ------------------------------------------------------------
+
+    def stream(self, request: ChatRequest) -> CancellableStream:
+        prepared = self._prepare(request)  # raises InvalidRequestError now, before any stream starts
+        turn = _Turn(prepared=prepared, meter=RequestMeter(self.metrics, len(prepared.input_ids)))
+        return CancellableStream(self._read(turn), lambda: self._cancel(turn))
+
+    def _generate(self, prepared: _PreparedRequest) -> Iterator[StreamEvent]:
+        return self._read(_Turn(prepared=prepared, meter=RequestMeter(self.metrics, len(prepared.input_ids))))
+
+    def _read(self, turn: _Turn) -> Generator[StreamEvent, None, None]:
+        prepared = turn.prepared
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._arrivals.append(turn)
+            self._lock.notify()
+        options = prepared.request.options
+        stop_filter = StopSequenceFilter(options.stop) if options.stop else None
+        decode = self._tokenizer.create_stream().decode
+        generated = 0
+        end: _End | None = None
+        try:
+            while True:
+                item = turn.tokens.get()
+                if isinstance(item, _End):
+                    end = item
+                    break
+                generated += 1
+                piece = decode(item)
+                if stop_filter is not None:
+                    piece = stop_filter.feed(piece)
+                    if stop_filter.stopped:
+                        if piece:
+                            yield StreamEvent(piece)
+                        break
+                if piece:
+                    yield StreamEvent(piece)
+        finally:
+            if end is None:  # a stop string matched, or the reader went away: free the batch slot
+                self._cancel(turn)
+        if end is not None and end.error is not None:
+            raise RuntimeError(f"generation failed: {end.error}")
+        if stop_filter is not None and not stop_filter.stopped:
+            tail = stop_filter.flush()
+            if tail:
+                yield StreamEvent(tail)
+        stopped = stop_filter is not None and stop_filter.stopped
+        finish_reason = "stop" if stopped or end is None else end.finish_reason
+        yield StreamEvent(
+            "",
+            Completion(
+                text="",
+                finish_reason=finish_reason,
+                prompt_tokens=len(prepared.input_ids),
+                completion_tokens=generated,
+            ),
+        )
+
+    def _cancel(self, turn: _Turn) -> None:
+        with self._lock:
+            if turn in self._arrivals:
+                # Never started: nothing to stop in the engine, and no batch slot to give back.
+                self._arrivals.remove(turn)
+                self._finish(turn, _End("cancelled"))
+                return
+            self._cancels.append(turn)
+            self._lock.notify()
+
+    # -- the scheduler thread ------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._arrivals or self._cancels or self._in_engine or self._solo or self._closed):
+                    if self.metrics is not None:
+                        self.metrics.step(0)
+                    self._lock.wait()
+                if self._closed:
+                    break
+                cancels = list(self._cancels)
+                self._cancels.clear()
+                admitted = self._admit_locked()
+            for turn in cancels:
+                self._cancel_now(turn)
+            # A request that finds nothing else to do takes the faster path for a lone request.
+            alone = len(admitted) == 1 and not self._in_engine and not self._solo and not self._arrivals
+            for turn in admitted:
+                if turn.done:  # cancelled while it was being admitted
+                    continue
+                try:
+                    self._start(
+                        turn, solo=(alone and self.solo_enabled) or turn.prepared.request.options.seed is not None
+                    )
+                except Exception as error:  # this request cannot start; the others still can
+                    self._end(turn, _End("error", f"{type(error).__name__}: {error}"))
+            try:
+                for turn in list(self._solo):
+                    self._step_solo(turn)
+                if self._in_engine:
+                    self._step_engine()
+            except Exception as error:  # the engine is unusable: fail every turn, keep serving errors
+                for turn in [*self._in_engine.values(), *self._solo]:
+                    self._end(turn, _End("error", f"{type(error).__name__}: {error}"))
+                self._in_engine.clear()
+                self._solo.clear()
+        for turn in [*self._in_engine.values(), *self._solo, *self._arrivals]:
+            self._end(turn, _End("error", "the engine shut down"))
+
+    def _admit_locked(self) -> list[_Turn]:
+        """The arrivals to start now (called with the lock held)."""
+        if not self._arrivals:
+            return []
+        if self.dynamic:
+            everyone = list(self._arrivals)
+            self._arrivals.clear()
+            return everyone
+        if self._in_engine:
+            return self._solo_only_locked()  # a static batch admits nobody until it ends
+        now = time.monotonic()
+        window_end = self._batch_ended_at + self._window_s
+        expected = min(self._last_batch, self.max_batch_size)
+        if now < window_end and len(self._arrivals) < expected:
+            # The clients whose batch just ended are likely sending their next requests: wait for
+            # them briefly, so they start together instead of one starting a batch alone.
+            self._lock.wait(window_end - now)
+            return []
+        admitted: list[_Turn] = []
+        while self._arrivals and len(admitted) < self.max_batch_size:
+            admitted.append(self._arrivals.popleft())
+        return admitted
+
+    def _solo_only_locked(self) -> list[_Turn]:
+        """While a static batch runs, seeded turns (which never join it) may still start."""
+        seeded = [turn for turn in self._arrivals if turn.prepared.request.options.seed is not None]
+        for turn in seeded:
+            self._arrivals.remove(turn)
+        return seeded
+
+    def _start(self, turn: _Turn, *, solo: bool) -> None:
+        options = turn.prepared.request.options
+        if solo:
+            turn.generator = self._og.Generator(self._model, self.generator_params(turn.prepared))
+            turn.generator.append_tokens(turn.prepared.input_ids)
+            self._solo.append(turn)
+            return
+        request = self._engine.create_request()
+        turn_options = self._og.TurnOptions(request)
+        turn_options.set_max_generated_tokens(turn.prepared.max_new_tokens)
+        if options.min_tokens:
+            turn_options.set_min_generated_tokens(min(options.min_tokens, turn.prepared.max_new_tokens))
+        if options.greedy:
+            turn_options.set_do_sample(False)
+            turn_options.set_temperature(0.0)
+        else:
+            turn_options.set_do_sample(True)
+            turn_options.set_temperature(options.temperature)
+            turn_options.set_top_p(options.top_p)
+            if options.top_k is not None:
+                turn_options.set_top_k(options.top_k)
+        if options.guidance is not None:
+            turn_options.set_guidance(options.guidance.kind, options.guidance.grammar)
+        turn.turn_id = request.begin_turn(turn.prepared.input_ids, turn_options)
+        turn.request = request  # the engine drops a request whose Python object is collected
+        self._in_engine[id(request)] = turn
+
+    def _step_solo(self, turn: _Turn) -> None:
+        generator = turn.generator
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        self._token(turn, token)
+        if generator.is_done():
+            self._end(turn, _End("stop" if token in self._eos_token_ids else "length"))
+
+    def _step_engine(self) -> None:
+        batch = 0
+        for event in self._engine.run(self._events):
+            turn = self._in_engine.get(id(event.request))
+            if turn is None:
+                continue
+            flags = int(event.flags)
+            if flags & self._token_flag:
+                batch += 1
+                self._token(turn, int(event.token))
+            if flags & self._failed_flag:
+                self._end(turn, _End("error", f"the engine failed the request ({event.error_code.name})"))
+            elif flags & self._finished_flag:
+                self._end(turn, _End(_FINISH_REASONS.get(event.finish_reason.name, "stop")))
+        if batch:
+            self._last_batch = max(batch, len(self._in_engine))
+            if self.metrics is not None:
+                self.metrics.step(batch)
+        if not self._in_engine:
+            self._batch_ended_at = time.monotonic()
+
+    def _token(self, turn: _Turn, token: int) -> None:
+        turn.started = True
+        turn.meter.token()
+        turn.tokens.put(token)
+
+    def _end(self, turn: _Turn, end: _End) -> None:
+        """Retire a started turn (scheduler thread)."""
+        if turn.done:
+            return
+        if turn.request is not None:
+            self._in_engine.pop(id(turn.request), None)
+            turn.request.close()
+            turn.request = None
+        if turn.generator is not None:
+            self._solo.remove(turn)
+            turn.generator = None
+        self._finish(turn, end)
+
+    @staticmethod
+    def _finish(turn: _Turn, end: _End) -> None:
+        turn.done = True
+        turn.meter.finish(end.finish_reason)
+        turn.tokens.put(end)
+
+    def _cancel_now(self, turn: _Turn) -> None:
+        if turn.done:
+            return
+        if turn.request is not None:
+            # The engine drops the turn from its batch and confirms with a CANCELLED event at its
+            # next step, which is when the turn stops counting as running.
+            turn.request.cancel_turn(turn.turn_id)
+            return
+        self._end(turn, _End("cancelled"))
+
+    # -- load-time measurement -------------------------------------------------------------------
+
+    def _measure_solo_speedup(self) -> float:
+        """Tokens/s of one request on a Generator over one request on the engine (median of 3 rounds)."""
+        import numpy as np
+
+        prompt = np.asarray(self._tokenizer.encode("Once upon a time"), dtype=np.int32)
+        og = self._og
+
+        def on_generator() -> float:
+            params = og.GeneratorParams(self._model)
+            params.set_search_options(max_length=len(prompt) + _CALIBRATION_TOKENS, do_sample=False)
+            generator = og.Generator(self._model, params)
+            started = time.perf_counter()
+            generator.append_tokens(prompt)
+            produced = 0
+            while not generator.is_done():
+                generator.generate_next_token()
+                produced += 1
+            return produced / (time.perf_counter() - started)
+
+        def on_engine() -> float:
+            request = self._engine.create_request()
+            options = og.TurnOptions(request)
+            options.set_max_generated_tokens(_CALIBRATION_TOKENS)
+            options.set_do_sample(False)
+            started = time.perf_counter()
+            request.begin_turn(prompt, options)
+            produced = 0
+            while self._engine.has_pending_requests():
+                for event in self._engine.run(self._events):
+                    produced += int(event.flags) & self._token_flag
+            request.close()
+            return produced / (time.perf_counter() - started)
+
+        on_generator(), on_engine()  # warm-up
+        ratios = [on_generator() / on_engine() for _ in range(3)]
+        return statistics.median(ratios)
+
+
+def read_engine_section(folder: Any) -> dict[str, Any]:
+    """genai_config.json's `engine` section (empty when the export has none)."""
+    from phi3_serving.variants import read_genai_config
+
+    section = read_genai_config(folder).get("engine") or {}
+    return dict(section) if isinstance(section, dict) else {}
+
+
