@@ -49,7 +49,7 @@ def resync_loop(reconciler: Reconciler, queue: WorkQueue[ModelKey, Work], namesp
             continue
         elapsed = time.monotonic() - started
         reconciler.metrics.resynced(seen, elapsed)
-        logger.info("resync: %d models queued in %.1fs, %d waiting", seen, elapsed, queue.waiting())
+        logger.info("resync: %d models in %.1fs put on the work queue, %d waiting", seen, elapsed, queue.waiting())
 
 
 def register(

@@ -346,3 +346,31 @@ def test_a_pod_oomkilled_at_its_limit_is_named_in_the_available_condition(
     assert (available["status"], available["reason"]) == ("False", "OOMKilled")
     assert "memory limit 100Mi" in available["message"] and "pod m-1" in available["message"]
     assert status(api)["phase"] == "Failed"
+
+
+def test_resync_puts_every_live_model_on_the_work_queue_and_reconciles_nothing_itself(
+    reconciler: Reconciler, api: FakeApiServer
+) -> None:
+    import threading
+
+    from phi3_operator.handlers import resync_loop
+
+    bodies = [{"metadata": {"name": n, "namespace": NS, "uid": n, "generation": 1}, "spec": {}} for n in "ab"]
+    bodies.append({"metadata": {"name": "going", "namespace": NS, "uid": "g", "deletionTimestamp": "t"}})
+    api.list_models = lambda namespace=None: iter(bodies)  # type: ignore[method-assign]
+    added: list[tuple[tuple[str, str], Any]] = []
+    stop = threading.Event()
+
+    class Queue:
+        def add(self, key: tuple[str, str], work: Any) -> None:
+            added.append((key, work))
+            if len(added) == 2:
+                stop.set()  # one pass is enough
+
+        def waiting(self) -> int:
+            return len(added)
+
+    resync_loop(reconciler, Queue(), (), stop, interval_s=0.01)  # type: ignore[arg-type]
+    assert [key for key, _ in added] == [(NS, "a"), (NS, "b")]
+    assert all(isinstance(work, ModelChanged) and work.body is not None for _, work in added)
+    assert api.writes == [], "the pass only queues: the work queue's workers reconcile"
