@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from phi3_operator.builders import BuildContext, Owner, build_children
 from phi3_operator.spec import FIELDS, FIELDS_BY_PATH, RULES, Field, SpecError, parse_spec
+from phi3_serving.batching import batch_options_from_env
 from phi3_serving.chat import GenerationDefaults
 from phi3_serving.engine import max_concurrency_from_env
 
@@ -58,6 +59,7 @@ def runtime_accepts(env: Mapping[str, str]) -> None:
     """What the runtime does with its environment at start-up (phi3_serving.loading): raises if it refuses."""
     GenerationDefaults.from_env(env)
     max_concurrency_from_env(env)
+    batch_options_from_env(env)
 
 
 def runtime_env(raw_spec: Mapping[str, Any]) -> dict[str, str]:
@@ -135,7 +137,7 @@ def edge_values(spec_field: Field) -> list[float]:
     return [int(v) for v in values] if spec_field.type == "integer" else values
 
 
-RUNTIME_FIELDS = [f for f in FIELDS if f.env and f.path != "serving.maxBatchSize"]
+RUNTIME_FIELDS = [f for f in FIELDS if f.env]
 
 
 @pytest.mark.parametrize("spec_field", RUNTIME_FIELDS, ids=[f.path for f in RUNTIME_FIELDS])
