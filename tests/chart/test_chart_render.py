@@ -26,6 +26,14 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def workload_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Roles that grant the operator its models and children (not the leader-election Role)."""
+    return [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
+
+
+LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+
+
 def rules_of(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     rules: dict[tuple[str, str], set[str]] = {}
     for rule in doc["rules"]:
@@ -86,14 +94,14 @@ def test_helm_lint_strict_is_clean(helm: Helm, values: tuple[str, ...]) -> None:
     ("values", "complaint"),
     [
         (("--set-string", "replicaCount=two"), "/replicaCount"),
-        (("--set", "replicaCount=2"), "/replicaCount"),
+        (("--set", "replicaCount=6"), "/replicaCount"),
         (("--set", "rbac.scope=everywhere"), "/rbac/scope"),
         (("--set", "colour=blue"), "additional properties 'colour' not allowed"),
         (("--set", "config.imageCatalog[0].flavor=sklearn"), "/config/imageCatalog/0/flavor"),
         (("--set", "config.maxWorkers=0"), "/config/maxWorkers"),
         (("--set", "watchNamespaces={Not_A_Namespace}"), "/watchNamespaces/0"),
     ],
-    ids=["replicas-string", "replicas-two", "rbac-scope", "unknown-key", "flavor", "max-workers", "namespace-name"],
+    ids=["replicas-string", "replicas-six", "rbac-scope", "unknown-key", "flavor", "max-workers", "namespace-name"],
 )
 def test_values_schema_rejects_bad_values(helm: Helm, values: tuple[str, ...], complaint: str) -> None:
     proc = helm.run("template", "phi3", str(CHART_DIR), *values, check=False)
@@ -110,8 +118,8 @@ def test_default_render_runs_the_operator_hardened_and_cluster_wide(helm: Helm) 
     assert container["image"] == "ghcr.io/phi3-operator/operator:0.1.0"
     assert container["command"] == ["phi3-operator"]
     assert container["args"] == ["run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz",
-                                 "--metrics-address", "0.0.0.0:8081"]
-    assert deployment["spec"]["replicas"] == 1
+                                 "--metrics-address", "0.0.0.0:8081", "--leader-election-namespace", "phi3-system"]
+    assert deployment["spec"]["replicas"] == 2
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -119,8 +127,8 @@ def test_default_render_runs_the_operator_hardened_and_cluster_wide(helm: Helm) 
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    for probe in ("livenessProbe", "readinessProbe"):  # answered by standbys too, not only by kopf
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -132,7 +140,7 @@ def test_default_render_runs_the_operator_hardened_and_cluster_wide(helm: Helm) 
     assert "emptyDir" in volumes["tmp"]
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
 
-    assert by_kind(docs, "Role") == [] and by_kind(docs, "RoleBinding") == []
+    assert workload_roles(docs) == []
     # Clusterwide, kopf does not observe namespaces: no grant for them.
     assert rules_of(one(docs, "ClusterRole")) == {**CRD_RULE, **EXPECTED_NAMESPACED_RULES}
     binding = one(docs, "ClusterRoleBinding")
@@ -147,15 +155,15 @@ def test_namespaced_render_binds_roles_per_watched_namespace(helm: Helm) -> None
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [
         "run", "--liveness-endpoint", "http://0.0.0.0:8080/healthz", "--metrics-address", "0.0.0.0:8081",
-        "--namespace", "team-a", "--namespace", "team-b",
+        "--leader-election-namespace", "phi3-system", "--namespace", "team-a", "--namespace", "team-b",
     ]
     # Only kopf's read-only scans stay cluster-wide.
     assert rules_of(one(docs, "ClusterRole")) == {**CRD_RULE, **NAMESPACES_RULE}
-    roles = by_kind(docs, "Role")
+    roles = workload_roles(docs)
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert rules_of(role) == EXPECTED_NAMESPACED_RULES
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "phi3-system"
@@ -165,7 +173,7 @@ def test_namespace_scope_without_a_list_watches_the_release_namespace(helm: Helm
     docs = helm.template("--set", "rbac.scope=namespace", namespace="llm-ops")
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["--namespace", "llm-ops"]
-    assert [r["metadata"]["namespace"] for r in by_kind(docs, "Role")] == ["llm-ops"]
+    assert [r["metadata"]["namespace"] for r in workload_roles(docs)] == ["llm-ops"]
 
 
 @pytest.mark.parametrize("values", [(), NAMESPACED_VALUES], ids=["default", "namespaced"])
@@ -177,6 +185,10 @@ def test_rbac_grants_no_wildcards_and_no_child_deletes(helm: Helm, values: tuple
             assert not FORBIDDEN_VERBS & set(rule["verbs"]), rule
             assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
         granted = rules_of(doc)
+        if doc["metadata"]["name"].endswith("-leader-election"):
+            # Only the verbs leader election uses, only on Leases, only in the release namespace.
+            assert granted == LEASE_RULES and doc["metadata"]["namespace"] == "phi3-system", doc
+            continue
         for resource in (("apps", "deployments"), ("", "services"), ("phi3.ai", "phi3models")):
             assert "delete" not in granted.get(resource, set()), resource
         # Pods are read only, to say why a model's pods do not become ready.
@@ -252,3 +264,26 @@ def test_schema_is_strict_at_the_top_level() -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     assert set(values) == set(schema["properties"]), "values.yaml and values.schema.json list different keys"
 
+
+def test_two_replicas_elect_a_leader_spread_over_nodes_and_survive_a_drain(helm: Helm) -> None:
+    docs = helm.template()
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    budget = one(docs, "PodDisruptionBudget")
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": deployment["spec"]["selector"]}
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert rules_of(role) == LEASE_RULES
+    binding = next(b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == role["metadata"]["name"])
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+
+    single = helm.template("--set", "replicaCount=1", "--set", "affinity.nodeAffinity.x=1")
+    assert by_kind(single, "PodDisruptionBudget") == [], "a PDB on one replica would block every drain"
+    assert one(single, "Deployment")["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {"x": 1}}
