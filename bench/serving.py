@@ -308,12 +308,19 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     wall = time.perf_counter() - started
+    return {"clients": clients, "tokens_per_s": tokens / wall, "ttft_s": ttft, "itl_s": gaps}
+
+
+def summarize(clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender at one level over its repetitions: median tokens/s, latencies over all requests."""
+    ttft = [value for run in runs for value in run.get("ttft_s", [])]
+    gaps = [value for run in runs for value in run.get("itl_s", [])]
     return {
         "clients": clients,
-        "requests": clients * requests_per_client,
-        "tokens_per_s": tokens / wall,
-        "ttft_p50_ms": statistics.median(ttft) * 1e3,
-        "ttft_p99_ms": percentile(ttft, 0.99) * 1e3,
+        "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),
+        "tokens_per_s_runs": [run["tokens_per_s"] for run in runs],
+        "ttft_p50_ms": statistics.median(ttft) * 1e3 if ttft else None,
+        "ttft_p99_ms": percentile(ttft, 0.99) * 1e3 if ttft else None,
         "itl_p50_ms": statistics.median(gaps) * 1e3 if gaps else None,
     }
 
@@ -341,7 +348,7 @@ def bare_engine(model_dir: Path, max_batch: int) -> Callable[[int, int, int], di
         )
         tokens = 0
         started = time.perf_counter()
-        for _ in range(requests_per_client):
+        for _ in range(requests_per_client):  # rounds: every client's next request starts together
             requests = []
             for _ in range(clients):
                 request = engine.create_request()
@@ -360,15 +367,16 @@ def bare_engine(model_dir: Path, max_batch: int) -> Callable[[int, int, int], di
             for request in requests:
                 request.close()
         wall = time.perf_counter() - started
-        return {"clients": clients, "requests": clients * requests_per_client, "tokens_per_s": tokens / wall}
+        return {"clients": clients, "tokens_per_s": tokens / wall}
 
     return run
 
 
 def batching_comparison(
-    name: str, model_path: Path, variant_dir: Path, scratch: Path, max_tokens: int, tokens_per_level: int
+    name: str, model_path: Path, variant_dir: Path, scratch: Path, max_tokens: int, tokens_per_level: int, reps: int
 ) -> dict[str, Any]:
-    """The three contenders on one model, level by level, each level run by all three in turn."""
+    """The three contenders on one model, level by level: each level `reps` times, all three in turn and
+    in alternating order; a ratio is taken within a repetition and the median reported."""
     base_env = {"PHI3_ONNX_VARIANT": VARIANT, "PHI3_MAX_TOKENS": str(max_tokens)}
     batch_env = {**base_env, "PHI3_ONNX_ENGINE": "batch", "PHI3_MAX_BATCH_SIZE": str(BENCH_MAX_BATCH)}
     generator_env = {**base_env, "PHI3_ONNX_ENGINE": "generator", "PHI3_MAX_CONCURRENCY": str(max(CLIENT_LEVELS))}
@@ -388,25 +396,41 @@ def batching_comparison(
         choice = next(
             (line for line in batch_server.log_tail(400).splitlines() if "lone requests on" in line), "not logged"
         )
+        contenders: dict[str, Callable[[int, int], dict[str, Any]]] = {
+            "batch_engine_http": lambda c, n: sdk_streams(batch_server, c, n, max_tokens),
+            "per_request_generator_http": lambda c, n: sdk_streams(gen_server, c, n, max_tokens),
+            "bare_engine": lambda c, n: bare(c, n, max_tokens),
+        }
+        ratios = []
         for clients in CLIENT_LEVELS:
-            per_client = max(1, tokens_per_level // (clients * max_tokens))
-            print(f"  {name}: {clients} clients x {per_client} requests x {max_tokens} tokens", flush=True)
-            rows["batch_engine_http"].append(sdk_streams(batch_server, clients, per_client, max_tokens))
-            rows["per_request_generator_http"].append(sdk_streams(gen_server, clients, per_client, max_tokens))
-            rows["bare_engine"].append(bare(clients, per_client, max_tokens))
-    ratios = []
-    for batch_row, gen_row, bare_row in zip(*rows.values(), strict=True):
-        ratios.append(
-            {
-                "clients": batch_row["clients"],
-                "batch_over_per_request": batch_row["tokens_per_s"] / gen_row["tokens_per_s"],
-                "batch_http_over_bare_engine": batch_row["tokens_per_s"] / bare_row["tokens_per_s"],
-            }
-        )
+            # At least two rounds per client: a level's first round starts unaligned.
+            per_client = max(2, tokens_per_level // (clients * max_tokens))
+            print(f"  {name}: {clients} clients x {per_client} requests x {max_tokens} tokens x {reps}", flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {key: [] for key in contenders}
+            order = list(contenders)
+            for rep in range(reps):
+                for key in order if rep % 2 == 0 else order[::-1]:
+                    runs[key].append(contenders[key](clients, per_client))
+            for key in contenders:
+                rows[key].append(summarize(clients, runs[key]))
+            ratios.append(
+                {
+                    "clients": clients,
+                    "batch_over_per_request": statistics.median(
+                        b["tokens_per_s"] / g["tokens_per_s"]
+                        for b, g in zip(runs["batch_engine_http"], runs["per_request_generator_http"], strict=True)
+                    ),
+                    "batch_http_over_bare_engine": statistics.median(
+                        b["tokens_per_s"] / e["tokens_per_s"]
+                        for b, e in zip(runs["batch_engine_http"], runs["bare_engine"], strict=True)
+                    ),
+                }
+            )
     at = {row["clients"]: row for row in ratios}
     return {
         "max_tokens": max_tokens,
         "max_batch_size": BENCH_MAX_BATCH,
+        "repetitions": reps,
         "runtime_engine_choice": choice.split("og.Engine", 1)[-1].strip(),
         **rows,
         "ratios": ratios,
@@ -441,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
         previous["batching"] = run_batching(scale)
         previous["batching_created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         args.output.write_text(json.dumps(previous, indent=2) + "\n")
-        print_batching(previous["batching"])
         print(f"wrote {args.output}")
         return 0
 
@@ -508,7 +531,6 @@ def main(argv: list[str] | None = None) -> int:
     result["batching"] = run_batching(scale)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print_batching(result["batching"])
     print(json.dumps({k: result[k] for k in ("tokens_per_s", "http_overhead", "time_to_first_token")}, indent=2))
     for row in scaling:
         print(f"{row['clients']} clients: {row['tokens_per_s']:.0f} tokens/s, p50 {row['latency_p50_ms']:.1f} ms")
@@ -524,18 +546,20 @@ def run_batching(scale: float) -> dict[str, Any]:
         scratch = Path(scratch_name)
         # The Phi-3-mini-shaped model runs ~30-100 tokens/s on 2 cores: fewer tokens per level.
         for name, spec, max_tokens, tokens_per_level in (
-            ("tiny", TinyModelSpec(), 64, int(4096 * scale) or 512),
-            ("phi3_mini_shaped", PHI3_MINI_SHAPED, 32, max(256, int(512 * scale))),
+            ("tiny", TinyModelSpec(), 64, max(512, int(2048 * scale))),
+            ("phi3_mini_shaped", PHI3_MINI_SHAPED, 32, max(128, int(256 * scale))),
         ):
+            reps = 2
             print(f"batching on the {name} model ...", flush=True)
             model = build_tiny_model(scratch / name, spec)
             model_path = save_onnx_model(model.onnx_dir, scratch / f"{name}-mlflow")
             results[name] = {
                 "spec": spec.__dict__ | {"variants": list(spec.variants)},
                 **batching_comparison(
-                    name, model_path, model.variant_dir(VARIANT), scratch, max_tokens, tokens_per_level
+                    name, model_path, model.variant_dir(VARIANT), scratch, max_tokens, tokens_per_level, reps
                 ),
             }
+            print_batching({name: results[name]})
     return results
 
 
@@ -546,8 +570,9 @@ def print_batching(batching: dict[str, Any]) -> None:
         ):
             print(
                 f"{name} {batch_row['clients']:>2} clients: engine {batch_row['tokens_per_s']:8.1f} tok/s "
-                f"(TTFT p50 {batch_row['ttft_p50_ms']:.0f} ms), per-request {gen_row['tokens_per_s']:8.1f}, "
-                f"bare engine {bare_row['tokens_per_s']:8.1f}"
+                f"(TTFT p50 {batch_row['ttft_p50_ms'] or 0:.0f} ms), per-request {gen_row['tokens_per_s']:8.1f} "
+                f"(TTFT p50 {gen_row['ttft_p50_ms'] or 0:.0f} ms), bare engine {bare_row['tokens_per_s']:8.1f}",
+                flush=True,
             )
         print(f"{name} targets: {json.dumps(result['targets'])}")
 

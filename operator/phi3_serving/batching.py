@@ -23,6 +23,7 @@ What the engine can and cannot do decides the design (onnxruntime-genai 0.18, ve
 
 from __future__ import annotations
 
+import json
 import queue
 import statistics
 import threading
@@ -109,7 +110,6 @@ class _Turn:
     request: Any = None  # og.Request once admitted to the engine
     turn_id: int = 0
     generator: Any = None  # og.Generator on the per-request path
-    started: bool = False
     done: bool = False
 
 
@@ -131,7 +131,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         self.dynamic = "dynamic_batching" in engine_section
         if options.max_batch_size is not None:
             section = "dynamic_batching" if self.dynamic else "static_batching"
-            config.overlay(f'{{"engine": {{"{section}": {{"max_batch_size": {options.max_batch_size}}}}}}}')
+            config.overlay(json.dumps({"engine": {section: {"max_batch_size": options.max_batch_size}}}))
         super().__init__(variant, defaults=defaults, model=og.Model(config))
         self._token_flag = int(og.EngineEventFlags.TOKEN)
         self._finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
@@ -148,7 +148,8 @@ class OnnxBatchEngine(OnnxEngineBase):
         self._in_engine: dict[int, _Turn] = {}  # id(og.Request) -> turn
         self._solo: list[_Turn] = []
         self._batch_ended_at = 0.0
-        self._last_batch = 0
+        self._expected = 0  # requests likely to arrive together after the last batch ended
+        self._retired = 0  # turns finished in this scheduler iteration
 
         self._solo_path = options.solo_path
         self.solo_speedup: float | None = None
@@ -273,17 +274,25 @@ class OnnxBatchEngine(OnnxEngineBase):
             with self._lock:
                 while not (self._arrivals or self._cancels or self._in_engine or self._solo or self._closed):
                     if self.metrics is not None:
-                        self.metrics.step(0)
+                        self.metrics.idle()
                     self._lock.wait()
                 if self._closed:
                     break
                 cancels = list(self._cancels)
                 self._cancels.clear()
                 admitted = self._admit_locked()
+            self._retired = 0
             for turn in cancels:
                 self._cancel_now(turn)
-            # A request that finds nothing else to do takes the faster path for a lone request.
-            alone = len(admitted) == 1 and not self._in_engine and not self._solo and not self._arrivals
+            # A request that finds nothing else to do, and no other client about to come back, takes
+            # the faster path for a lone request.
+            alone = (
+                len(admitted) == 1
+                and not self._in_engine
+                and not self._solo
+                and not self._arrivals
+                and self._expected <= 1
+            )
             for turn in admitted:
                 if turn.done:  # cancelled while it was being admitted
                     continue
@@ -303,6 +312,12 @@ class OnnxBatchEngine(OnnxEngineBase):
                     self._end(turn, _End("error", f"{type(error).__name__}: {error}"))
                 self._in_engine.clear()
                 self._solo.clear()
+            if self._retired and not self._in_engine and not self._solo:
+                # Everything ended: the clients just answered, and those already waiting, are the
+                # next batch; the window gives the former time to send their next requests.
+                self._batch_ended_at = time.monotonic()
+                with self._lock:
+                    self._expected = min(self.max_batch_size, self._retired + len(self._arrivals))
         for turn in [*self._in_engine.values(), *self._solo, *self._arrivals]:
             self._end(turn, _End("error", "the engine shut down"))
 
@@ -318,8 +333,7 @@ class OnnxBatchEngine(OnnxEngineBase):
             return self._solo_only_locked()  # a static batch admits nobody until it ends
         now = time.monotonic()
         window_end = self._batch_ended_at + self._window_s
-        expected = min(self._last_batch, self.max_batch_size)
-        if now < window_end and len(self._arrivals) < expected:
+        if now < window_end and len(self._arrivals) < self._expected:
             # The clients whose batch just ended are likely sending their next requests: wait for
             # them briefly, so they start together instead of one starting a batch alone.
             self._lock.wait(window_end - now)
@@ -327,6 +341,8 @@ class OnnxBatchEngine(OnnxEngineBase):
         admitted: list[_Turn] = []
         while self._arrivals and len(admitted) < self.max_batch_size:
             admitted.append(self._arrivals.popleft())
+        if now >= window_end:
+            self._expected = 0  # idle for longer than the window: nobody is coming back soon
         return admitted
 
     def _solo_only_locked(self) -> list[_Turn]:
@@ -385,15 +401,10 @@ class OnnxBatchEngine(OnnxEngineBase):
                 self._end(turn, _End("error", f"the engine failed the request ({event.error_code.name})"))
             elif flags & self._finished_flag:
                 self._end(turn, _End(_FINISH_REASONS.get(event.finish_reason.name, "stop")))
-        if batch:
-            self._last_batch = max(batch, len(self._in_engine))
-            if self.metrics is not None:
-                self.metrics.step(batch)
-        if not self._in_engine:
-            self._batch_ended_at = time.monotonic()
+        if batch and self.metrics is not None:
+            self.metrics.step(batch)
 
     def _token(self, turn: _Turn, token: int) -> None:
-        turn.started = True
         turn.meter.token()
         turn.tokens.put(token)
 
@@ -408,6 +419,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         if turn.generator is not None:
             self._solo.remove(turn)
             turn.generator = None
+        self._retired += 1
         self._finish(turn, end)
 
     @staticmethod

@@ -116,6 +116,9 @@ class ModelMetrics:
         (self.running if started else self.waiting).dec()
         self._requests.labels(self.model, finish_reason).inc()
 
+    def idle(self) -> None:
+        self._occupancy.set(0)
+
     def step(self, sequences: int) -> None:
         """One engine step decoded `sequences` sequences together."""
         self._batch_size.observe(sequences)

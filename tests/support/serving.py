@@ -69,6 +69,16 @@ def package(flavor: str, model_dir: Path, *, name: str, tracking_uri: str, alias
     return result.stdout.strip().splitlines()[-1]
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """Free ports, all different: the OS may hand the same free port to two calls in a row."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 @dataclass
 class ServedProcess:
     """`phi3-operator serve` on 127.0.0.1 with free ports; stopped (with its whole session) on exit."""
@@ -79,9 +89,7 @@ class ServedProcess:
     env: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
-        self.http_port = free_port()
-        self.grpc_port = free_port()
-        self.metrics_port = free_port()
+        self.http_port, self.grpc_port, self.metrics_port = distinct_free_ports(3)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property

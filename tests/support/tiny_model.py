@@ -101,7 +101,7 @@ def _package_versions() -> dict[str, str]:
 
 def cache_key(spec: TinyModelSpec) -> str:
     material = json.dumps(
-        {"spec": asdict(spec), "versions": _package_versions(), "template": CHAT_TEMPLATE, "format": 1},
+        {"spec": asdict(spec), "versions": _package_versions(), "template": CHAT_TEMPLATE, "format": 2},
         sort_keys=True,
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -138,6 +138,9 @@ def _build_hf_model(spec: TinyModelSpec, hf_dir: Path) -> None:
         model_max_length=spec.context_length,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    if spec.model_vocab_size > len(tokenizer):
+        # Every id the random model can sample must decode to text, or a stream shows nothing.
+        tokenizer.add_tokens([f"<t{index}>" for index in range(len(tokenizer), spec.model_vocab_size)])
     vocab_size = max(len(tokenizer), spec.model_vocab_size)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")

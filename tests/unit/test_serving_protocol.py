@@ -152,3 +152,29 @@ def test_batch_options_from_env() -> None:
     for bad in ({"PHI3_MAX_BATCH_SIZE": "0"}, {"PHI3_MAX_BATCH_SIZE": "x"}, {"PHI3_SOLO_PATH": "maybe"}):
         with pytest.raises(ValueError):
             batch_options_from_env(bad)
+
+
+def test_request_meter_moves_a_request_from_waiting_to_running_to_finished() -> None:
+    from prometheus_client import REGISTRY
+
+    from phi3_serving.metrics import ModelMetrics, RequestMeter
+
+    metrics = ModelMetrics("unit-meter", max_batch_size=4)
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"model": "unit-meter", **labels}) or 0.0
+
+    meter = RequestMeter(metrics, prompt_tokens=7)
+    assert (sample("phi3_requests_waiting"), sample("phi3_requests_running")) == (1, 0)
+    meter.token()
+    meter.token()
+    assert (sample("phi3_requests_waiting"), sample("phi3_requests_running")) == (0, 1)
+    meter.finish("cancelled")
+    meter.finish("cancelled")  # twice is once
+    assert sample("phi3_requests_running") == 0
+    assert sample("phi3_requests_finished_total", finish_reason="cancelled") == 1
+    assert sample("phi3_prompt_tokens_total") == 7
+    assert sample("phi3_generation_tokens_total") == 2
+    assert sample("phi3_inter_token_latency_seconds_count") == 1
+    metrics.step(2)
+    assert sample("phi3_batch_occupancy_ratio") == 0.5
