@@ -67,12 +67,12 @@ def host_leftovers(state: Path, baseline: dict[str, object]) -> list[str]:
     if iptables is not None:
         left += [f"iptables {line}" for line in iptables.stdout.splitlines() if "KUBE-" in line or "CNI-" in line]
     routes = subprocess.run(["ip", "route", "show", "type", "blackhole"], text=True, capture_output=True).stdout
-    left += [f"route {line}" for line in routes.splitlines() if "10.244." in line]
+    left += [f"route {line}" for line in routes.splitlines() if "10.244." in line or "10.0.0.1" in line]
     left += [f"cgroup {group}" for group in Path("/sys/fs/cgroup").glob("*/kubepods*")]
     left += [f"cgroup {group}" for group in Path("/sys/fs/cgroup").glob("kubepods*")]
     existing = set(baseline["existing_paths"])  # type: ignore[arg-type]
     for path in ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni", "/run/containerd",
-                 "/etc/cni/net.d/cni.lock"):
+                 "/etc/cni/net.d/cni.lock", "/etc/cni"):
         if path not in existing and Path(path).exists():
             left.append(f"path {path}")
     for name, value in baseline["sysctls"].items():  # type: ignore[attr-defined]
