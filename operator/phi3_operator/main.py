@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -33,6 +35,8 @@ class RunOptions:
 
 
 def run(options: RunOptions) -> None:
+    # `kill -USR1 <pid>` prints every thread's stack: how to see what a stuck reconcile waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # kopf's own format prefixes each line with the object it is about: [namespace/name].
     kopf.configure(verbose=options.verbose, log_prefix=True)
     logging.getLogger("phi3_operator").setLevel(logging.DEBUG if options.verbose else logging.INFO)
@@ -55,13 +59,15 @@ def run(options: RunOptions) -> None:
     if options.leader_election_namespace:
         identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaderElector(reconciler.api, options.leader_election_namespace, identity)
-        # A standby watches nothing and reconciles nothing until it holds the Lease.
-        if not elector.acquire():
-            return
-        # Losing the Lease ends the process at once (as controller-runtime does): the new leader may
-        # already be reconciling, and kopf has no way to stop its watches part-way.
-        elector.renew_until_lost(on_lost=lambda: os._exit(1))
+        # Until kopf installs its own handler, SIGTERM unwinds through `finally`, which releases the Lease.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if elector is not None:
+            # A standby watches nothing and reconciles nothing until it holds the Lease.
+            elector.acquire()
+            # Losing the Lease ends the process at once (as controller-runtime does): the new leader may
+            # already be reconciling, and kopf has no way to stop its watches part-way.
+            elector.renew_until_lost(on_lost=lambda: os._exit(1))
         asyncio.run(
             kopf.operator(
                 registry=registry,
@@ -76,3 +82,7 @@ def run(options: RunOptions) -> None:
     finally:
         if elector is not None:
             elector.release()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)

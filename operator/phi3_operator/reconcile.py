@@ -223,11 +223,14 @@ class Reconciler:
         Raises (a Retry, or whatever the pass raised) when the work failed: the queue backs off.
         """
         namespace, name = key
-        if isinstance(work, DeploymentChanged):
-            if self.observe_deployment(work.deployment):
-                return None
-            work = ModelChanged()
-        outcome = self.reconcile(work.body) if work.body is not None else self.reconcile_by_name(namespace, name)
+        try:
+            if isinstance(work, DeploymentChanged):
+                if self.observe_deployment(work.deployment):
+                    return None
+                work = ModelChanged()
+            outcome = self.reconcile(work.body) if work.body is not None else self.reconcile_by_name(namespace, name)
+        except KubeError as error:  # outside a pass (reading the model, folding in a rollout): no status to write
+            raise Retry(str(error), ceiling_s=API_ERROR_RETRY_S) from error
         if outcome.requeue_after is not None:
             logger.info("%s/%s: looking again in %.0fs: %s", namespace, name, outcome.requeue_after, outcome.message)
         return outcome.requeue_after

@@ -92,7 +92,10 @@ def test_cpu_model_gets_deployment_service_and_ready_status(
         assert cond["observedGeneration"] == obj["metadata"]["generation"]
         assert cond["lastTransitionTime"]
         assert cond["reason"][0].isupper() and " " not in cond["reason"]
-    assert {c["type"] for c in status["conditions"]} == {"ModelResolved", "ImageReady", "Available", "Ready"}
+    by_type = {c["type"]: c["status"] for c in status["conditions"]}
+    # kstatus's pair: a served model is neither Reconciling nor Stalled (kstatus: Current).
+    assert by_type == {"ModelResolved": "True", "ImageReady": "True", "Available": "True", "Ready": "True",
+                       "Reconciling": "False", "Stalled": "False"}
 
     table = cluster.kubectl("get", "phi3", "phi3-mini", "-n", namespace).stdout
     assert table.split("\n")[0].split() == ["NAME", "TARGET", "MODEL", "VERSION", "PHASE", "READY", "AGE"]

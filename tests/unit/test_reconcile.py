@@ -374,3 +374,11 @@ def test_resync_puts_every_live_model_on_the_work_queue_and_reconciles_nothing_i
     assert [key for key, _ in added] == [(NS, "a"), (NS, "b")]
     assert all(isinstance(work, ModelChanged) and work.body is not None for _, work in added)
     assert api.writes == [], "the pass only queues: the work queue's workers reconcile"
+
+
+def test_an_api_error_outside_a_pass_is_a_retry_not_a_crash(reconciler: Reconciler, api: FakeApiServer) -> None:
+    from phi3_operator.workqueue import Retry
+
+    api.refuse[("GET", MODEL_PATH)] = KubeError(503, "ServiceUnavailable", "etcd is restarting")
+    with pytest.raises(Retry, match="503"):
+        reconciler.handle((NS, NAME), ModelChanged())
