@@ -276,10 +276,13 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
     gaps: list[float] = []
     tokens = 0
     lock = threading.Lock()
+    # Clients are made before the clock starts and start together: concurrent users, not a ramp.
+    sdks = [OpenAI(base_url=f"{served.base_url}/v1", api_key="-", max_retries=0, timeout=600) for _ in range(clients)]
+    start_line = threading.Barrier(clients)
 
-    def client() -> None:
+    def client(sdk: OpenAI) -> None:
         nonlocal tokens
-        sdk = OpenAI(base_url=f"{served.base_url}/v1", api_key="-", max_retries=0, timeout=600)
+        start_line.wait()
         for _ in range(requests_per_client):
             started = time.perf_counter()
             arrivals: list[float] = []
@@ -305,7 +308,7 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
-        for future in [pool.submit(client) for _ in range(clients)]:
+        for future in [pool.submit(client, sdk) for sdk in sdks]:
             future.result()
     wall = time.perf_counter() - started
     return {"clients": clients, "tokens_per_s": tokens / wall, "ttft_s": ttft, "itl_s": gaps}
@@ -403,8 +406,8 @@ def batching_comparison(
         }
         ratios = []
         for clients in CLIENT_LEVELS:
-            # At least two rounds per client: a level's first round starts unaligned.
-            per_client = max(2, tokens_per_level // (clients * max_tokens))
+            # At least three rounds per client: a level's first round may start unaligned.
+            per_client = max(3, tokens_per_level // (clients * max_tokens))
             print(f"  {name}: {clients} clients x {per_client} requests x {max_tokens} tokens x {reps}", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {key: [] for key in contenders}
             order = list(contenders)

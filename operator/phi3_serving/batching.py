@@ -111,6 +111,7 @@ class _Turn:
     turn_id: int = 0
     generator: Any = None  # og.Generator on the per-request path
     done: bool = False
+    arrived_at: float = field(default_factory=time.monotonic)
 
 
 class OnnxBatchEngine(OnnxEngineBase):
@@ -338,11 +339,18 @@ class OnnxBatchEngine(OnnxEngineBase):
             # them briefly, so they start together instead of one starting a batch alone.
             self._lock.wait(window_end - now)
             return []
+        if now >= window_end:
+            self._expected = 0  # idle for longer than the window: nobody is coming back soon
+            if not self._solo:
+                # A burst of new clients arrives over a few milliseconds, and the first must not
+                # start a batch the others then wait out: gather for a quarter of the window.
+                gather_end = self._arrivals[0].arrived_at + self._window_s / 4
+                if now < gather_end:
+                    self._lock.wait(gather_end - now)
+                    return []
         admitted: list[_Turn] = []
         while self._arrivals and len(admitted) < self.max_batch_size:
             admitted.append(self._arrivals.popleft())
-        if now >= window_end:
-            self._expected = 0  # idle for longer than the window: nobody is coming back soon
         return admitted
 
     def _solo_only_locked(self) -> list[_Turn]:
