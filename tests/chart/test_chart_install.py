@@ -68,7 +68,7 @@ def test_helm_install_creates_the_charts_objects(
     assert cluster.exists("crd", "phi3models.phi3.ai")
 
     deployment = cluster.get("deployment", name, namespace)
-    assert deployment["status"].get("availableReplicas") == 1  # helm --wait returned: the pod is Ready
+    assert deployment["status"].get("availableReplicas") == 2  # helm --wait returned: both replicas are Ready
     config = yaml.safe_load(cluster.get("configmap", f"{name}-config", namespace)["data"]["config.yaml"])
     assert config["defaultTrackingUri"] == "http://mlflow.mlflow.svc:5000"
 
@@ -110,7 +110,8 @@ def test_operator_runs_on_the_charts_namespaced_rbac(
         cluster=as_sa,
         log_path=tmp_path / "operator.log",
         extra_env={**operator_env(resync_s=3.0, refresh_s=3.0), "PHI3_OPERATOR_CONFIG": str(config_file)},
-        args=("--namespace", namespace),
+        # As the chart runs it: the Role the chart grants for the leader Lease must be enough.
+        args=("--namespace", namespace, "--leader-election-namespace", namespace),
     )
     model = yaml.safe_load((Path(__file__).parents[2] / "examples" / "phi3-cpu.yaml").read_text())
     model["spec"]["model"]["uri"] = pyfunc_model_uri

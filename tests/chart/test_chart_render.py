@@ -49,6 +49,7 @@ EXPECTED_NAMESPACED_RULES = {
     ("phi3.ai", "phi3models/status"): {"get", "patch"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
+    ("", "pods"): {"list"},
     ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "events"): {"create"},
@@ -191,8 +192,8 @@ def test_rbac_grants_no_wildcards_and_no_child_deletes(helm: Helm, values: tuple
             continue
         for resource in (("apps", "deployments"), ("", "services"), ("phi3.ai", "phi3models")):
             assert "delete" not in granted.get(resource, set()), resource
-        # Pods are read only, to say why a model's pods do not become ready.
-        assert granted.get(("", "pods")) == {"list"}
+        # Pods are read only, to say why a model's pods do not become ready (where children are granted).
+        assert granted.get(("", "pods"), {"list"}) == {"list"}
         assert "delete" not in granted.get(("", "configmaps"), set())
         assert "list" not in granted.get(("batch", "jobs"), set())
         assert granted.get(("", "namespaces"), {"list", "watch"}) == {"list", "watch"}
