@@ -31,7 +31,11 @@ def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
 
 
 @pytest.fixture
-def replicas(crd: Cluster, namespace: str, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
+def replicas(
+    crd: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> Iterator[list[OperatorProcess]]:
+    # The session's operator watches every namespace without election: it must not do the replicas' work.
+    operator.stop()
     config = Path(__file__).parent / "testdata" / "operator-config.yaml"
     processes = [
         OperatorProcess(cluster=crd, log_path=tmp_path / f"replica-{name}.log",
@@ -45,6 +49,7 @@ def replicas(crd: Cluster, namespace: str, tmp_path: Path) -> Iterator[list[Oper
     yield processes
     for process in processes:
         process.stop(signal.SIGKILL)
+    operator.start()
 
 
 def test_only_the_leader_reconciles_and_a_killed_leader_hands_over(

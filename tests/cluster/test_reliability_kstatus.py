@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from tests.support.cluster import Cluster
+from tests.support.operator import OperatorProcess
 
 from phi3_operator.status import REASON_TABLE, Condition, ObservedState, Reason, build_status, failure_status
 
@@ -81,13 +82,19 @@ def test_kstatus_reads_a_served_model_as_current_and_a_stale_one_as_in_progress(
     assert [s for s, _ in compute(kstatus, [model(served), stale])] == ["Current", "InProgress"]
 
 
-def test_a_model_no_operator_has_reconciled_is_not_current(kstatus: Path, crd: Cluster, namespace: str) -> None:
+def test_a_model_no_operator_has_reconciled_is_not_current(
+    kstatus: Path, crd: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     """No operator runs here: what the API server itself returns for a fresh model (the CRD defaults
     status.observedGeneration to 0) must read as InProgress, or Flux would call the rollout healthy."""
-    fresh = model(None, generation=1)
-    fresh["metadata"] = {"name": "fresh", "namespace": namespace}
-    crd.kubectl("apply", "-f", "-", stdin=json.dumps(fresh))
-    live = json.loads(crd.kubectl("get", "phi3model", "fresh", "-n", namespace, "-o", "json").stdout)
+    operator.stop()  # the session's operator, if another test started it
+    try:
+        fresh = model(None, generation=1)
+        fresh["metadata"] = {"name": "fresh", "namespace": namespace}
+        crd.kubectl("apply", "-f", "-", stdin=json.dumps(fresh))
+        live = json.loads(crd.kubectl("get", "phi3model", "fresh", "-n", namespace, "-o", "json").stdout)
+    finally:
+        operator.start()
     assert live.get("status") == {"observedGeneration": 0}, live.get("status")
     expected = ("InProgress", "Phi3Model generation is 1, but latest observed generation is 0")
     assert compute(kstatus, [live]) == [expected]
