@@ -460,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--only", choices=("batching",), help="run only this part (keeps the rest of the JSON)")
+    parser.add_argument(
+        "--only", choices=("batching", "runtime"), help="run only this part (keeps the other part of the JSON)"
+    )
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
     if args.only == "batching":
@@ -531,7 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         "time_to_first_token": ttft,
         "throughput": {"max_concurrency": MAX_CONCURRENCY, "max_tokens": 128, "by_clients": scaling},
     }
-    result["batching"] = run_batching(scale)
+    if args.only == "runtime":
+        previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+        for key in ("batching", "batching_created"):
+            if key in previous:
+                result[key] = previous[key]
+    else:
+        result["batching"] = run_batching(scale)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("tokens_per_s", "http_overhead", "time_to_first_token")}, indent=2))

@@ -149,6 +149,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         self._in_engine: dict[int, _Turn] = {}  # id(og.Request) -> turn
         self._solo: list[_Turn] = []
         self._batch_ended_at = 0.0
+        self._step_s = 0.0  # how long the engine's last step took
         self._expected = 0  # requests likely to arrive together after the last batch ended
         self._retired = 0  # turns finished in this scheduler iteration
 
@@ -333,7 +334,9 @@ class OnnxBatchEngine(OnnxEngineBase):
         if self._in_engine:
             return self._solo_only_locked()  # a static batch admits nobody until it ends
         now = time.monotonic()
-        window_end = self._batch_ended_at + self._window_s
+        # Waiting costs at most one decode step here; starting without the clients about to come
+        # back costs them a whole batch. So the window stretches to one step of a slow model.
+        window_end = self._batch_ended_at + max(self._window_s, self._step_s)
         if now < window_end and len(self._arrivals) < self._expected:
             # The clients whose batch just ended are likely sending their next requests: wait for
             # them briefly, so they start together instead of one starting a batch alone.
@@ -397,7 +400,10 @@ class OnnxBatchEngine(OnnxEngineBase):
 
     def _step_engine(self) -> None:
         batch = 0
-        for event in self._engine.run(self._events):
+        started = time.monotonic()
+        events = self._engine.run(self._events)
+        self._step_s = time.monotonic() - started
+        for event in events:
             turn = self._in_engine.get(id(event.request))
             if turn is None:
                 continue
