@@ -148,6 +148,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         # Scheduler-thread state.
         self._in_engine: dict[int, _Turn] = {}  # id(og.Request) -> turn
         self._solo: list[_Turn] = []
+        self._inline = 0  # lone requests running on a Generator in their readers' threads
         self._batch_ended_at = 0.0
         self._step_s = 0.0  # how long the engine's last step took
         self._expected = 0  # requests likely to arrive together after the last batch ended
@@ -215,8 +216,15 @@ class OnnxBatchEngine(OnnxEngineBase):
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
-            self._arrivals.append(turn)
-            self._lock.notify()
+            inline = self._may_run_inline_locked()
+            if inline:
+                self._inline += 1
+            else:
+                self._arrivals.append(turn)
+                self._lock.notify()
+        if inline:
+            yield from self._read_inline(turn)
+            return
         options = prepared.request.options
         stop_filter = StopSequenceFilter(options.stop) if options.stop else None
         decode = self._tokenizer.create_stream().decode
@@ -259,6 +267,30 @@ class OnnxBatchEngine(OnnxEngineBase):
             ),
         )
 
+    def _may_run_inline_locked(self) -> bool:
+        """A lone request on an idle engine runs on a Generator in its reader's own thread.
+
+        That is the per-request path with nothing in between: no hand-off of every token between
+        threads. Requests that arrive meanwhile batch on the engine as usual.
+        """
+        if not self.solo_enabled or self._arrivals or self._in_engine or self._solo or self._inline:
+            return False
+        now = time.monotonic()
+        return self._expected <= 1 or now >= self._batch_ended_at + max(self._window_s, self._step_s)
+
+    def _read_inline(self, turn: _Turn) -> Generator[StreamEvent, None, None]:
+        try:
+            yield from self.generate_alone(turn.prepared, cancelled=lambda: turn.done, meter=turn.meter)
+        finally:
+            turn.done = True
+            with self._lock:
+                self._inline -= 1
+                if not self._in_engine and not self._solo:
+                    # Its client is likely to come back: the window applies as after a batch.
+                    self._batch_ended_at = time.monotonic()
+                    self._expected = min(self.max_batch_size, 1 + len(self._arrivals))
+                self._lock.notify()
+
     def _cancel(self, turn: _Turn) -> None:
         with self._lock:
             if turn in self._arrivals:
@@ -292,6 +324,7 @@ class OnnxBatchEngine(OnnxEngineBase):
                 len(admitted) == 1
                 and not self._in_engine
                 and not self._solo
+                and not self._inline
                 and not self._arrivals
                 and self._expected <= 1
             )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,60 @@ class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
             params.set_guidance(options.guidance.kind, options.guidance.grammar)
         return params
 
+    def generate_alone(
+        self,
+        prepared: _PreparedRequest,
+        cancelled: Callable[[], bool] | None = None,
+        meter: RequestMeter | None = None,
+    ) -> Iterator[StreamEvent]:
+        """One request on its own og.Generator, in the calling thread: the per-request path."""
+        stop_filter = StopSequenceFilter(prepared.request.options.stop) if prepared.request.options.stop else None
+        meter = meter or RequestMeter(self.metrics, len(prepared.input_ids))
+        finish_reason = "cancelled"
+        generator = self._og.Generator(self._model, self.generator_params(prepared))
+        try:
+            generator.append_tokens(prepared.input_ids)
+            decode = self._tokenizer.create_stream().decode
+            generated = 0
+            token = -1
+            # The hot loop: keep it as lean as the bare onnxruntime-genai loop it is measured against.
+            while not generator.is_done():
+                if cancelled is not None and cancelled():
+                    token = -2  # neither end-of-sequence nor a length cut
+                    break
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                generated += 1
+                meter.token()
+                piece = decode(token)
+                if stop_filter is not None:
+                    piece = stop_filter.feed(piece)
+                    if stop_filter.stopped:
+                        if piece:
+                            yield StreamEvent(piece)
+                        break
+                if piece:
+                    yield StreamEvent(piece)
+            stopped = token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
+            finish_reason = "cancelled" if token == -2 else "stop" if stopped else "length"
+        finally:
+            del generator
+            # Counted as finished here: closing this stream is what stops the compute.
+            meter.finish(finish_reason)
+        if stop_filter is not None and not stop_filter.stopped:
+            tail = stop_filter.flush()
+            if tail:
+                yield StreamEvent(tail)
+        yield StreamEvent(
+            "",
+            Completion(
+                text="",
+                finish_reason=finish_reason,
+                prompt_tokens=len(prepared.input_ids),
+                completion_tokens=generated,
+            ),
+        )
+
 
 class OnnxGenAIEngine(OnnxEngineBase):
     """One og.Generator per request; thread-safe, at most `max_concurrency` generations at once."""
@@ -211,50 +265,8 @@ class OnnxGenAIEngine(OnnxEngineBase):
     # -- internals -----------------------------------------------------------------------------
 
     def _generate(self, prepared: _PreparedRequest) -> Iterator[StreamEvent]:
-        stop_filter = StopSequenceFilter(prepared.request.options.stop) if prepared.request.options.stop else None
-        meter = RequestMeter(self.metrics, len(prepared.input_ids))
-        finish_reason = "cancelled"
         with self._slots:
-            generator = self._og.Generator(self._model, self.generator_params(prepared))
-            try:
-                generator.append_tokens(prepared.input_ids)
-                decode = self._tokenizer.create_stream().decode
-                generated = 0
-                token = -1
-                # The hot loop: keep it as lean as the bare onnxruntime-genai loop it is measured against.
-                while not generator.is_done():
-                    generator.generate_next_token()
-                    token = int(generator.get_next_tokens()[0])
-                    generated += 1
-                    meter.token()
-                    piece = decode(token)
-                    if stop_filter is not None:
-                        piece = stop_filter.feed(piece)
-                        if stop_filter.stopped:
-                            if piece:
-                                yield StreamEvent(piece)
-                            break
-                    if piece:
-                        yield StreamEvent(piece)
-                stopped = token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
-                finish_reason = "stop" if stopped else "length"
-            finally:
-                del generator
-                # Counted as finished here: closing this stream is what stops the compute.
-                meter.finish(finish_reason)
-        if stop_filter is not None and not stop_filter.stopped:
-            tail = stop_filter.flush()
-            if tail:
-                yield StreamEvent(tail)
-        yield StreamEvent(
-            "",
-            Completion(
-                text="",
-                finish_reason=finish_reason,
-                prompt_tokens=len(prepared.input_ids),
-                completion_tokens=generated,
-            ),
-        )
+            yield from self.generate_alone(prepared)
 
 
 class OnnxGenAIChatModel(PythonModel):
