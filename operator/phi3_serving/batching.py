@@ -15,8 +15,9 @@ What the engine can and cannot do decides the design (onnxruntime-genai 0.18, ve
   (which then cancels the turn); a seeded request takes the per-request `og.Generator` path, whose
   sampling is reproducible.
 - A lone request can be faster on the per-request path. Whether it is, is measured when the model
-  loads, and a request that finds the engine idle takes the faster path. The scheduler thread steps
-  those generators between engine steps, so the two never compete for the cores.
+  loads, and a request that finds the engine idle (and nobody about to come back) then runs on a
+  Generator in its reader's own thread, with no hand-off per token. Seeded requests that arrive
+  while the engine is busy run on Generators that the scheduler thread steps between engine steps.
 - A reader that stops reading (the client went away, a stop string matched) cancels its turn; the
   engine reports the turn finished as CANCELLED and the running gauge drops at once.
 """
