@@ -298,7 +298,8 @@ def mlflow_lookup(tracking_uri: str, model_uri: str, credentials: Mapping[str, s
         mlmodel = yaml.safe_load(rest.read_artifact(artifact_root, "MLmodel")) or {}
     except ResolveError as error:
         if error.reason == "ModelNotFound":
-            raise ResolveError("InvalidModel", f"{resolved_uri} has no MLmodel file: is it an MLflow model?",
+            raise ResolveError("InvalidModel", f"{resolved_uri} has no MLmodel file (its artifacts were "
+                               "deleted, or it is not an MLflow model)",
                                retryable=False) from None
         raise
     try:

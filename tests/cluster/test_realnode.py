@@ -43,8 +43,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 MODEL = "tiny"
 REFRESH_S = 3.0
-NAMESPACE = "phi3-real"
-RESTRICTED_NAMESPACE = "phi3-real-restricted"
 
 
 @dataclass
@@ -54,6 +52,8 @@ class RealPath:
     onnx_dir: Path
     images: dict[str, str]
     operator: OperatorProcess
+    namespace: str
+    restricted_namespace: str
     registered: list[str] = field(default_factory=list)
 
     def package(self, name: str, alias: str = "champion") -> str:
@@ -69,26 +69,26 @@ def real_path(crd: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     images = build_images("mlserver-cpu")
     workdir = tmp_path_factory.mktemp("realnode")
     tiny = build_tiny_model(tmp_path_factory.mktemp("tiny-real"))
+    # Fresh names each run: a namespace from an earlier run may still be terminating.
+    namespace = crd.create_namespace("phi3-real")
+    restricted = crd.create_namespace("phi3-restricted")
+    crd.kubectl("label", "--overwrite", "namespace", restricted, "pod-security.kubernetes.io/enforce=restricted",
+                "pod-security.kubernetes.io/enforce-version=latest")
     with MlflowServer(workdir / "mlflow", host=BRIDGE_ADDRESS) as mlflow:
         config = operator_config(workdir / "operator-config.yaml", images["mlserver-cpu"])
         operator = OperatorProcess(
             cluster=crd, log_path=workdir / "operator.log",
             # Its own instance: the session operator's catalog names images that do not exist.
-            args=("--namespace", NAMESPACE, "--namespace", RESTRICTED_NAMESPACE),
+            args=("--namespace", namespace, "--namespace", restricted),
             extra_env={**operator_env(resync_s=3.0, refresh_s=REFRESH_S), "PHI3_OPERATOR_CONFIG": str(config)},
         )
-        for namespace in (NAMESPACE, RESTRICTED_NAMESPACE):
-            crd.kubectl("create", "namespace", namespace, check=False)
-        crd.kubectl("label", "--overwrite", "namespace", RESTRICTED_NAMESPACE,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")
         operator.start()
         try:
-            yield RealPath(crd, mlflow, tiny.onnx_dir, images, operator)
+            yield RealPath(crd, mlflow, tiny.onnx_dir, images, operator, namespace, restricted)
         finally:
             operator.stop()
-            for namespace in (NAMESPACE, RESTRICTED_NAMESPACE):
-                crd.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+            for name in (namespace, restricted):
+                crd.delete_namespace(name)
 
 
 def model_manifest(name: str, uri: str, tracking_uri: str, **spec: Any) -> dict[str, Any]:
@@ -121,8 +121,7 @@ def diagnose(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str
 
 
 def test_a_pod_on_the_real_node_has_logs_exec_dns_and_a_service(real_path: RealPath) -> None:
-    cluster = real_path.cluster
-    namespace = "phi3-real"
+    cluster, namespace = real_path.cluster, real_path.namespace
     image = real_path.images["mlserver-cpu"]
     script = ("import http.server, socketserver, os\n"
               "print('pod up', flush=True)\n"
@@ -174,7 +173,7 @@ def test_a_pod_on_the_real_node_has_logs_exec_dns_and_a_service(real_path: RealP
 
 
 def test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, "phi3-real"
+    cluster, namespace = real_path.cluster, real_path.namespace
     uri = real_path.package(MODEL)
     cluster.apply(model_manifest(MODEL, f"models:/{MODEL}@champion", real_path.mlflow.tracking_uri), namespace)
     try:
@@ -211,21 +210,22 @@ def test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path: RealPath
 
 
 def stream_until(client: Any, stop: threading.Event, outcomes: list[str]) -> None:
-    """Streaming chat requests back to back; each ends as 'ok' or the error it raised."""
+    """Streaming chat requests back to back; each ends as 'ok' or what went wrong. A stream is whole
+    when its last chunk carries a finish_reason (random weights may well finish at once, with no text)."""
     while not stop.is_set():
         try:
-            text = ""
+            finish_reason = None
             for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
                                                         max_tokens=16, stream=True):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    text += chunk.choices[0].delta.content
-            outcomes.append("ok" if text else "empty")
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish_reason = chunk.choices[0].finish_reason
+            outcomes.append("ok" if finish_reason in ("stop", "length") else f"cut short ({finish_reason})")
         except Exception as error:
             outcomes.append(f"{type(error).__name__}: {error}")
 
 
 def test_moving_the_alias_rolls_to_a_new_pod_without_a_failed_request(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, "phi3-real"
+    cluster, namespace = real_path.cluster, real_path.namespace
     if not cluster.exists("phi3", MODEL, namespace):
         test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path)
     old_pods = {p["metadata"]["name"] for p in serving_pods(cluster, MODEL, namespace)}
@@ -272,7 +272,7 @@ def condition(cluster: Cluster, name: str, namespace: str, kind: str = "Ready") 
 
 
 def test_a_killed_runtime_restarts_and_readiness_keeps_traffic_off_it(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, "phi3-real"
+    cluster, namespace = real_path.cluster, real_path.namespace
     if not cluster.exists("phi3", MODEL, namespace):
         test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path)
     wait_until(lambda: ready_model(cluster, MODEL, namespace), timeout=300, interval=2, message="Ready")
@@ -310,8 +310,8 @@ def test_a_killed_runtime_restarts_and_readiness_keeps_traffic_off_it(real_path:
 
 
 def test_a_memory_limit_below_the_models_need_is_reported_as_oomkilled(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, "phi3-real"
-    uri = real_path.registered[0] if real_path.registered else real_path.package(MODEL)
+    cluster, namespace = real_path.cluster, real_path.namespace
+    uri = real_path.package("tiny-oom")
     manifest = model_manifest("tiny-oom", uri, real_path.mlflow.tracking_uri,
                               resources={"requests": {"cpu": "100m", "memory": "64Mi"},
                                          "limits": {"memory": "100Mi"}})
@@ -344,34 +344,57 @@ def delete_model_artifacts(tracking_uri: str, name: str, version: str) -> str:
     return str(download_uri)
 
 
-def test_deleted_model_artifacts_give_a_fetch_condition_not_a_pod_stuck_in_init(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, "phi3-real"
+def test_deleted_model_artifacts_give_a_clear_condition_not_a_pod_stuck_in_init(real_path: RealPath) -> None:
+    cluster, namespace = real_path.cluster, real_path.namespace
+    tracking_uri = real_path.mlflow.tracking_uri
+    # A served version loses its files: the pod that replaces a serving one cannot fetch it.
     name = "tiny-gone"
     uri = real_path.package(name)
-    location = delete_model_artifacts(real_path.mlflow.tracking_uri, name, uri.rsplit("/", 1)[1])
-    local = real_path.mlflow.workdir / "artifacts" / location.split(":/", 1)[1].lstrip("/")
-    assert not local.exists() or not any(local.rglob("MLmodel")), f"{local} still holds the model"
-    cluster.apply(model_manifest(name, uri, real_path.mlflow.tracking_uri), namespace)
+    cluster.apply(model_manifest(name, uri, tracking_uri), namespace)
     try:
-        def fetch_reported() -> dict[str, Any] | None:
-            found = condition(cluster, name, namespace, "Available")
-            return found if found.get("reason") == "ModelFetchFailed" else None
-
         try:
+            wait_until(lambda: ready_model(cluster, name, namespace), timeout=300, interval=2, message="Ready")
+            delete_model_artifacts(tracking_uri, name, uri.rsplit("/", 1)[1])
+            cluster.kubectl("delete", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
+                            "--wait=false")
+
+            def fetch_reported() -> dict[str, Any] | None:
+                found = condition(cluster, name, namespace, "Available")
+                return found if found.get("reason") == "ModelFetchFailed" else None
+
             found = wait_until(fetch_reported, timeout=300, interval=2, message="Available=False ModelFetchFailed")
         except AssertionError as error:
             raise AssertionError(f"{error}\n{diagnose(cluster, namespace, real_path.operator)}") from None
-        assert "could not fetch the model" in found["message"] and uri in found["message"], found["message"]
         assert found["status"] == "False"
+        assert "could not fetch the model" in found["message"] and uri in found["message"], found["message"]
+        resolved = condition(cluster, name, namespace, "ModelResolved")
+        assert resolved["reason"] == "InvalidModel" and "artifacts were deleted" in resolved["message"], resolved
+    finally:
+        cluster.kubectl("delete", "phi3", name, "-n", namespace, "--wait=false", check=False)
+
+    # A version whose files are gone before it is applied never gets a pod at all.
+    name = "tiny-gone-early"
+    uri = real_path.package(name)
+    delete_model_artifacts(tracking_uri, name, uri.rsplit("/", 1)[1])
+    cluster.apply(model_manifest(name, uri, tracking_uri), namespace)
+    try:
+        def invalid() -> dict[str, Any] | None:
+            found = condition(cluster, name, namespace, "ModelResolved")
+            return found if found.get("reason") == "InvalidModel" else None
+
+        found = wait_until(invalid, timeout=120, interval=1, message="ModelResolved=False InvalidModel")
+        assert "artifacts were deleted" in found["message"] and uri in found["message"]
+        assert cluster.get("phi3", name, namespace)["status"]["phase"] == "Failed"
+        assert not cluster.exists("deployment", name, namespace)
     finally:
         cluster.kubectl("delete", "phi3", name, "-n", namespace, "--wait=false", check=False)
 
 
 def test_a_restricted_namespace_admits_the_serving_pods(real_path: RealPath) -> None:
-    cluster, namespace = real_path.cluster, RESTRICTED_NAMESPACE
+    cluster, namespace = real_path.cluster, real_path.restricted_namespace
     labels = cluster.get("namespace", namespace)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    uri = real_path.registered[0] if real_path.registered else real_path.package(MODEL)
+    uri = real_path.package("tiny-restricted")
     cluster.apply(model_manifest(MODEL, uri, real_path.mlflow.tracking_uri), namespace)
     try:
         wait_until(lambda: ready_model(cluster, MODEL, namespace), timeout=420, interval=2,
