@@ -26,11 +26,12 @@ SETTLE_S = 10.0
 
 def rollout_stuck(deployment: Mapping[str, Any], now: str) -> bool:
     """Has the rollout made no progress for SETTLE_S? (The Deployment controller moves `Progressing`'s
-    lastUpdateTime whenever a replica comes up.) Unknown counts as stuck: then the pods are read."""
+    lastUpdateTime whenever a replica comes up.) A Deployment without the condition has just been
+    made, so nothing can be stuck yet: a new model costs no pod list."""
     progressing = next((c for c in deployment.get("status", {}).get("conditions", [])
                         if c.get("type") == "Progressing"), None)
     if not progressing or not progressing.get("lastUpdateTime"):
-        return True
+        return False
     try:
         since = datetime.fromisoformat(str(progressing["lastUpdateTime"]).replace("Z", "+00:00"))
         current = datetime.fromisoformat(now.replace("Z", "+00:00"))

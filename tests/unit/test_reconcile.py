@@ -334,6 +334,9 @@ def test_a_pod_oomkilled_at_its_limit_is_named_in_the_available_condition(
     create_model(api, resources={"limits": {"memory": "100Mi"}})
     reconcile(reconciler, api)
     namespace = api.objects[DEPLOYMENT_PATH]["metadata"]["namespace"]
+    # The Deployment controller's word that the rollout has not moved for a while.
+    api.objects[DEPLOYMENT_PATH]["status"] = {"observedGeneration": 1, "conditions": [
+        {"type": "Progressing", "status": "True", "lastUpdateTime": "2020-01-01T00:00:00Z"}]}
     api.objects[f"/api/v1/namespaces/{namespace}/pods/m-1"] = {
         "metadata": {"name": "m-1", "namespace": namespace},
         "spec": {"containers": [{"name": "runtime", "resources": {"limits": {"memory": "100Mi"}}}]},
