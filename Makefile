@@ -47,7 +47,7 @@ images: setup cluster-up
 	hack/images build
 
 lint: venv
-	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster
+	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster hack/images
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
