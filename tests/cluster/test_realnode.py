@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from tests.support.cluster import Cluster
 from tests.support.mlflow_server import MlflowServer
-from tests.support.operator import OperatorProcess, operator_env
+from tests.support.operator import OperatorProcess
 from tests.support.realnode import (
     BRIDGE_ADDRESS,
     NODE_NAME,
@@ -30,7 +30,6 @@ from tests.support.realnode import (
     containerd_socket,
     ctr_binary,
     on_real_node,
-    operator_config,
     pod_start_phases,
     service_base_url,
     serving_pods,
@@ -56,6 +55,10 @@ class RealPath:
     restricted_namespace: str
     registered: list[str] = field(default_factory=list)
 
+    def manifest(self, name: str, uri: str, **spec: Any) -> dict[str, Any]:
+        return model_manifest(name, uri, self.mlflow.tracking_uri, image={"override": self.images["mlserver-cpu"]},
+                              **spec)
+
     def package(self, name: str, alias: str = "champion") -> str:
         uri = package("onnx", self.onnx_dir, name=name, tracking_uri=self.mlflow.tracking_uri, alias=alias)
         self.registered.append(uri)
@@ -63,7 +66,7 @@ class RealPath:
 
 
 @pytest.fixture(scope="module")
-def real_path(crd: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealPath]:
+def real_path(crd: Cluster, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealPath]:
     node = crd.get("node", NODE_NAME)
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
     images = build_images("mlserver-cpu")
@@ -74,19 +77,12 @@ def real_path(crd: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     restricted = crd.create_namespace("phi3-restricted")
     crd.kubectl("label", "--overwrite", "namespace", restricted, "pod-security.kubernetes.io/enforce=restricted",
                 "pod-security.kubernetes.io/enforce-version=latest")
+    # The session's operator (it watches every namespace) serves these models too; its catalog names
+    # images that exist nowhere, so the models name the runtime image just built (`image.override`).
     with MlflowServer(workdir / "mlflow", host=BRIDGE_ADDRESS) as mlflow:
-        config = operator_config(workdir / "operator-config.yaml", images["mlserver-cpu"])
-        operator = OperatorProcess(
-            cluster=crd, log_path=workdir / "operator.log",
-            # Its own instance: the session operator's catalog names images that do not exist.
-            args=("--namespace", namespace, "--namespace", restricted),
-            extra_env={**operator_env(resync_s=3.0, refresh_s=REFRESH_S), "PHI3_OPERATOR_CONFIG": str(config)},
-        )
-        operator.start()
         try:
             yield RealPath(crd, mlflow, tiny.onnx_dir, images, operator, namespace, restricted)
         finally:
-            operator.stop()
             for name in (namespace, restricted):
                 crd.delete_namespace(name)
 
@@ -175,7 +171,7 @@ def test_a_pod_on_the_real_node_has_logs_exec_dns_and_a_service(real_path: RealP
 def test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path: RealPath) -> None:
     cluster, namespace = real_path.cluster, real_path.namespace
     uri = real_path.package(MODEL)
-    cluster.apply(model_manifest(MODEL, f"models:/{MODEL}@champion", real_path.mlflow.tracking_uri), namespace)
+    cluster.apply(real_path.manifest(MODEL, f"models:/{MODEL}@champion"), namespace)
     try:
         obj = wait_until(lambda: ready_model(cluster, MODEL, namespace), timeout=420, interval=2,
                          message="the Phi3Model to be Ready on the real node")
@@ -312,7 +308,7 @@ def test_a_killed_runtime_restarts_and_readiness_keeps_traffic_off_it(real_path:
 def test_a_memory_limit_below_the_models_need_is_reported_as_oomkilled(real_path: RealPath) -> None:
     cluster, namespace = real_path.cluster, real_path.namespace
     uri = real_path.package("tiny-oom")
-    manifest = model_manifest("tiny-oom", uri, real_path.mlflow.tracking_uri,
+    manifest = real_path.manifest("tiny-oom", uri,
                               resources={"requests": {"cpu": "100m", "memory": "64Mi"},
                                          "limits": {"memory": "100Mi"}})
     cluster.apply(manifest, namespace)
@@ -350,7 +346,7 @@ def test_deleted_model_artifacts_give_a_clear_condition_not_a_pod_stuck_in_init(
     # A served version loses its files: the pod that replaces a serving one cannot fetch it.
     name = "tiny-gone"
     uri = real_path.package(name)
-    cluster.apply(model_manifest(name, uri, tracking_uri), namespace)
+    cluster.apply(real_path.manifest(name, uri), namespace)
     try:
         try:
             wait_until(lambda: ready_model(cluster, name, namespace), timeout=300, interval=2, message="Ready")
@@ -376,7 +372,7 @@ def test_deleted_model_artifacts_give_a_clear_condition_not_a_pod_stuck_in_init(
     name = "tiny-gone-early"
     uri = real_path.package(name)
     delete_model_artifacts(tracking_uri, name, uri.rsplit("/", 1)[1])
-    cluster.apply(model_manifest(name, uri, tracking_uri), namespace)
+    cluster.apply(real_path.manifest(name, uri), namespace)
     try:
         def invalid() -> dict[str, Any] | None:
             found = condition(cluster, name, namespace, "ModelResolved")
@@ -395,7 +391,7 @@ def test_a_restricted_namespace_admits_the_serving_pods(real_path: RealPath) -> 
     labels = cluster.get("namespace", namespace)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     uri = real_path.package("tiny-restricted")
-    cluster.apply(model_manifest(MODEL, uri, real_path.mlflow.tracking_uri), namespace)
+    cluster.apply(real_path.manifest(MODEL, uri), namespace)
     try:
         wait_until(lambda: ready_model(cluster, MODEL, namespace), timeout=420, interval=2,
                    message="the model in a restricted namespace to be Ready")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import REPO_ROOT, localcluster
+from tests.support.operator import stop_host_operators
 
 pytestmark = pytest.mark.cluster
 
@@ -84,6 +85,8 @@ def host_leftovers(state: Path, baseline: dict[str, object]) -> list[str]:
 
 def test_make_demo_answers_from_a_real_pod_and_demo_down_leaves_the_host_clean(tmp_path: Path) -> None:
     env = {**os.environ, "PHI3_DEMO_DIR": str(tmp_path / "demo")}
+    # The demo installs the operator in the cluster; one the suite runs on the host would fight it.
+    stop_host_operators()
     state = state_dir()
     already_up = localcluster("status", check=False).returncode == 0
     before = pids(state) if already_up else {}

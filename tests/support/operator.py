@@ -12,6 +12,9 @@ from pathlib import Path
 from tests.support.cluster import REPO_ROOT, Cluster
 
 CRD_FILE = REPO_ROOT / "crds" / "phi3.ai_phi3models.yaml"
+# Operators this test process started, so that a test that installs the operator in-cluster (the demo)
+# can stop them first: two operators on one model fight over its Deployment.
+RUNNING: list[OperatorProcess] = []
 
 
 def install_crd(cluster: Cluster) -> None:
@@ -34,8 +37,11 @@ class OperatorProcess:
             self.process = subprocess.Popen(
                 [str(executable), "run", *self.args], env=env, stdout=log, stderr=subprocess.STDOUT
             )
+        RUNNING.append(self)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -67,3 +73,8 @@ def operator_env(resync_s: float = 3.0, refresh_s: float = 3.0) -> dict[str, str
         "MALLOC_ARENA_MAX": "2",
         "PATH": os.environ["PATH"],
     }
+
+
+def stop_host_operators() -> None:
+    for process in list(RUNNING):
+        process.stop()

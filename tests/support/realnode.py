@@ -11,10 +11,7 @@ import copy
 import json
 import subprocess
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tests.support.cluster import REPO_ROOT, Cluster, cached_binary
 
@@ -34,21 +31,6 @@ def build_images(*names: str) -> dict[str, str]:
     refs: dict[str, str] = json.loads(subprocess.run([str(IMAGES), "refs"], text=True, capture_output=True,
                                                      check=True).stdout)
     return refs
-
-
-def image_packages(name: str) -> list[str]:
-    return [line.strip() for line in (REPO_ROOT / "images" / name / "packages.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-
-
-def operator_config(path: Path, runtime_image: str) -> Path:
-    """An operator config whose CPU catalog is the image just built, with the packages it declares."""
-    packages = image_packages("mlserver-cpu")
-    path.write_text(yaml.safe_dump({"imageCatalog": [
-        {"flavor": flavor, "target": "cpu", "image": runtime_image, "packages": packages}
-        for flavor in ("onnx-genai", "transformers", "pyfunc")
-    ]}))
-    return path
 
 
 def on_real_node(manifest: dict[str, Any]) -> dict[str, Any]:
