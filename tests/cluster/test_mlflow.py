@@ -166,12 +166,14 @@ def test_mlflow_outage_keeps_serving_and_recovers(
         assert "still serving models:/echo/1" in conditions(obj)["ModelResolved"]["message"]
         assert conditions(obj)["Ready"]["reason"] == "MLflowUnavailable"
         after = cluster.get("deployment", "echo", namespace)
-        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        # What serves is untouched; the Deployment controller's own status writes may still move resourceVersion.
         assert after["metadata"]["generation"] == before["metadata"]["generation"]
+        assert after["spec"] == before["spec"]
         assert operator.alive()
     finally:
         registry.server.start()
-    wait_condition(cluster, namespace, "echo", "Ready", "True")
+    # Recovery waits for the next model refresh and, on a loaded machine, for MLflow's start.
+    wait_condition(cluster, namespace, "echo", "Ready", "True", timeout=120)
     assert fetch_uri(cluster, namespace, "echo") == "models:/echo/1"
 
 
