@@ -227,7 +227,7 @@ class OnnxBatchEngine(OnnxEngineBase):
             yield from self._read_inline(turn)
             return
         options = prepared.request.options
-        stop_filter = StopSequenceFilter(options.stop) if options.stop else None
+        stop_filter = StopSequenceFilter(options.stop)
         decode = self._tokenizer.create_stream().decode
         generated = 0
         end: _End | None = None
@@ -239,24 +239,21 @@ class OnnxBatchEngine(OnnxEngineBase):
                     break
                 generated += 1
                 piece = decode(item)
-                if stop_filter is not None:
-                    piece = stop_filter.feed(piece)
-                    if stop_filter.stopped:
-                        if piece:
-                            yield StreamEvent(piece)
-                        break
+                piece = stop_filter.feed(piece)
                 if piece:
                     yield StreamEvent(piece)
+                if stop_filter.stopped:
+                    break
         finally:
             if end is None:  # a stop string matched, or the reader went away: free the batch slot
                 self._cancel(turn)
         if end is not None and end.error is not None:
             raise RuntimeError(f"generation failed: {end.error}")
-        if stop_filter is not None and not stop_filter.stopped:
+        if not stop_filter.stopped:
             tail = stop_filter.flush()
             if tail:
                 yield StreamEvent(tail)
-        stopped = stop_filter is not None and stop_filter.stopped
+        stopped = stop_filter.stopped
         finish_reason = "stop" if stopped or end is None else end.finish_reason
         yield StreamEvent(
             "",

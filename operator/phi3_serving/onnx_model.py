@@ -183,7 +183,7 @@ class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
         meter: RequestMeter | None = None,
     ) -> Iterator[StreamEvent]:
         """One request on its own og.Generator, in the calling thread: the per-request path."""
-        stop_filter = StopSequenceFilter(prepared.request.options.stop) if prepared.request.options.stop else None
+        stop_filter = StopSequenceFilter(prepared.request.options.stop)
         meter = meter or RequestMeter(self.metrics, len(prepared.input_ids))
         finish_reason = "cancelled"
         generator = self._og.Generator(self._model, self.generator_params(prepared))
@@ -202,21 +202,18 @@ class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
                 generated += 1
                 meter.token()
                 piece = decode(token)
-                if stop_filter is not None:
-                    piece = stop_filter.feed(piece)
-                    if stop_filter.stopped:
-                        if piece:
-                            yield StreamEvent(piece)
-                        break
+                piece = stop_filter.feed(piece)
                 if piece:
                     yield StreamEvent(piece)
-            stopped = token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
+                if stop_filter.stopped:
+                    break
+            stopped = token in self._eos_token_ids or stop_filter.stopped
             finish_reason = "cancelled" if token == -2 else "stop" if stopped else "length"
         finally:
             del generator
             # Counted as finished here: closing this stream is what stops the compute.
             meter.finish(finish_reason)
-        if stop_filter is not None and not stop_filter.stopped:
+        if not stop_filter.stopped:
             tail = stop_filter.flush()
             if tail:
                 yield StreamEvent(tail)

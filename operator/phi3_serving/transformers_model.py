@@ -140,7 +140,7 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
             finally:
                 tokens.end()
 
-        stop_filter = StopSequenceFilter(options.stop) if options.stop else None
+        stop_filter = StopSequenceFilter(options.stop)
         decoder = _IncrementalDecoder(self._tokenizer)
         generated = 0
         last_token = -1
@@ -157,15 +157,12 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
                     if token in self._eos_token_ids:
                         continue
                     piece = decoder.add(token)
-                    if stop_filter is not None:
-                        piece = stop_filter.feed(piece)
-                        if stop_filter.stopped:
-                            if piece:
-                                yield StreamEvent(piece)
-                            break
+                    piece = stop_filter.feed(piece)
                     if piece:
                         yield StreamEvent(piece)
-                stopped = last_token in self._eos_token_ids or (stop_filter is not None and stop_filter.stopped)
+                    if stop_filter.stopped:
+                        break
+                stopped = last_token in self._eos_token_ids or stop_filter.stopped
                 finish_reason = "stop" if stopped else "length"
             finally:
                 halt.set()
@@ -174,13 +171,11 @@ class TransformersEngine(PreparedChatEngine[_PreparedRequest]):
                 meter.finish("error" if failure else finish_reason)
         if failure:
             raise failure[0]
-        if stop_filter is None or not stop_filter.stopped:
-            held = decoder.flush()
-            if stop_filter is not None:
-                held = stop_filter.feed(held)
+        if not stop_filter.stopped:
+            held = stop_filter.feed(decoder.flush())
             if held:
                 yield StreamEvent(held)
-        if stop_filter is not None and not stop_filter.stopped:
+        if not stop_filter.stopped:
             tail = stop_filter.flush()
             if tail:
                 yield StreamEvent(tail)
