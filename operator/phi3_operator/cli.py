@@ -1,4 +1,4 @@
-"""The `phi3-operator` command: `run` starts the control plane; `package`, `serve` and `fetch`
+"""The `phi3-operator` command: `run` starts the control plane; `package`, `serve`, `fetch` and `publish`
 belong to the data plane and are forwarded to it, so the operator image need not carry it."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DATA_PLANE_COMMANDS = ("package", "serve", "fetch")
+DATA_PLANE_COMMANDS = ("package", "serve", "fetch", "publish")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The data-plane commands behind `phi3-operator package | serve | fetch`.
+"""The data-plane commands behind `phi3-operator package | serve | fetch | publish`.
 
 `phi3_operator.cli` forwards these verbatim: `main(["package", "onnx", DIR, "--name", N])`.
 Problems the user can fix print one line on stderr and exit with 2, never a traceback.
@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="download a model into a folder (the init container)")
     fetch.add_argument("--model-uri", required=True)
     fetch.add_argument("--dest", required=True, type=Path)
+
+    publish = commands.add_parser(
+        "publish", help="push a model version to an OCI registry as an image that pods mount (once per tag)")
+    publish.add_argument("--model-uri", required=True)
+    publish.add_argument("--image", required=True, help="REGISTRY/REPOSITORY:TAG")
+    publish.add_argument("--plain-http", action="store_true", help="the registry speaks HTTP, not HTTPS")
+    publish.add_argument("--workdir", type=Path, help="scratch space for the download and the layer")
+    publish.add_argument("--result-file", type=Path,
+                         help="also write the result JSON here (a pod's /dev/termination-log)")
     return parser
 
 
@@ -75,6 +84,8 @@ def main(argv: list[str]) -> int:
         return _package(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "publish":
+        return _publish(args)
     return _fetch(args)
 
 
@@ -131,6 +142,31 @@ def _fetch(args: argparse.Namespace) -> int:
     verb = "already present" if result.reused else "fetched"
     size_mb = result.size_bytes / 1e6
     print(f"{verb}: {shown} in {result.dest} ({result.files} files, {size_mb:.1f} MB)", flush=True)
+    return 0
+
+
+# Distinct exit codes let the operator tell a model it cannot fetch from a registry it cannot use.
+EXIT_PUBLISH_FETCH, EXIT_PUBLISH_REGISTRY = 3, 4
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from phi3_serving.fetch import mask_uri
+    from phi3_serving.publish import PublishError, publish_model
+
+    try:
+        result = publish_model(args.model_uri, args.image, plain_http=args.plain_http, workdir=args.workdir)
+    except ValueError as error:
+        print(f"phi3-operator publish: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except PublishError as error:
+        print(f"phi3-operator publish: {mask_uri(str(error))}", file=sys.stderr, flush=True)
+        return EXIT_PUBLISH_FETCH if error.stage == "fetch" else EXIT_PUBLISH_REGISTRY
+    verb = "already published" if result.reused else "published"
+    print(f"{verb}: {mask_uri(args.model_uri)} as {result.image} ({result.size_bytes / 1e6:.1f} MB)")
+    if args.result_file:
+        args.result_file.write_text(result.as_json())
+    # The last line is the contract: scripts take `tail -n1`.
+    print(result.as_json(), flush=True)
     return 0
 
 
