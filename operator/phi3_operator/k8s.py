@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +187,12 @@ class KubeApi:
         page = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", label_selector)])
         items: list[dict[str, Any]] = page.get("items", [])
         return items
+
+    def server_minor(self) -> int | None:
+        """The API server's minor version (36 for 1.36), or None when it does not say."""
+        info = self._call("GET", "/version") or {}
+        digits = re.match(r"\d+", str(info.get("minor", "")))
+        return int(digits.group()) if digits else None
 
     def delete(self, key: ObjectKey) -> bool:
         try:

@@ -16,6 +16,7 @@ from typing import Any
 from phi3_operator.builders import BuildContext, Owner, build_children
 from phi3_operator.builders.build import BuildRequest, build_context_configmap, build_job, job_outcome
 from phi3_operator.builders.common import API_VERSION, KIND
+from phi3_operator.builders.delivery import PublishRequest, choose_delivery, publish_job, publish_outcome
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
@@ -24,6 +25,7 @@ from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
 from phi3_operator.status import (
+    PRE_DEPLOYMENT_CONDITIONS,
     REASONS,
     Condition,
     ObservedState,
@@ -152,6 +154,12 @@ class Reconciler:
     _written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     _optional_children: set[tuple[str, str]] = field(default_factory=set)
     _pruned: set[str] = field(default_factory=set)
+    _server_minor: list[int | None] = field(default_factory=list)  # asked once per process
+
+    def server_minor(self) -> int | None:
+        if not self._server_minor:
+            self._server_minor.append(self.api.server_minor())
+        return self._server_minor[0]
 
     def forget(self, uid: str) -> None:
         self._written_status.pop(uid, None)
@@ -182,7 +190,7 @@ class Reconciler:
         kept = [
             Condition(c["type"], c["status"], c["reason"], c["message"])
             for c in written.get("conditions", [])
-            if c["type"] in ("ModelResolved", "ImageReady")
+            if c["type"] in PRE_DEPLOYMENT_CONDITIONS
         ]
         observed = ObservedState(
             generation=int(written.get("observedGeneration", 1)),
@@ -192,6 +200,7 @@ class Reconciler:
             endpoint=written.get("endpoint", {}),
             replicas=replicas,
             ready_replicas=ready,
+            delivery=written.get("delivery", {}),
         )
         key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
         self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
@@ -296,7 +305,7 @@ class _Pass:
         """Write a status in which a condition failed; returns the failing one."""
         self.write_status(ObservedState(generation=self.generation, conditions=conditions, **extra))
         failing = next(c for c in conditions if c.status != "True")
-        if failing.reason != "Building":  # a build start has its own Normal event
+        if failing.reason not in ("Building", "Publishing"):  # a start has its own Normal event
             self.warn_once(failing)
         return failing
 
@@ -385,6 +394,11 @@ class _Pass:
         else:
             conditions.append(Condition("ImageReady", "True", decision.source, f"using {decision.image}"))
 
+        delivery, delivered, retry_after = self.deliver(spec, model, image, tracking_uri)
+        if delivery is None:
+            return self.hold_for_build(conditions, delivered, retry_after, model.as_status(spec.model.uri))
+        conditions.append(delivered)
+
         ctx = BuildContext(
             owner=self.owner,
             spec=spec,
@@ -392,6 +406,8 @@ class _Pass:
             model_uri=model.uri,
             tracking_uri=tracking_uri,
             onnx_variant=onnx_variant(spec.hardware.target, model.variants),
+            model_image=str(delivery.get("image", "")),
+            model_size_bytes=int(delivery.get("sizeBytes", 0)),
         )
         deployment = self.apply_children(ctx)
         self.announce_version(model)
@@ -407,6 +423,7 @@ class _Pass:
                 endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port),
                 replicas=replicas,
                 ready_replicas=ready,
+                delivery=delivery,
             )
         )
         resolution = conditions[0]
@@ -459,6 +476,61 @@ class _Pass:
         if outcome == "BuildFailed":
             return None, Condition("ImageReady", "False", "BuildFailed", message), None
         return None, Condition("ImageReady", "False", "Building", message), BUILD_POLL_S
+
+    def deliver(
+        self, spec: Phi3ModelSpec, model: ResolvedModel, runtime_image: str, tracking_uri: str
+    ) -> tuple[dict[str, Any] | None, Condition, float | None]:
+        """(status.delivery or None while the model cannot be delivered yet, the ModelDelivered
+        condition, when to look again). ImageVolume publishes the version once, through a Job."""
+        settings = self.r.settings
+        requested = spec.model.delivery
+        choice = choose_delivery(requested, settings.model_registry, spec.image.registry,
+                                 self.r.server_minor() if requested == "Auto" and settings.model_registry else None,
+                                 model.name or self.owner.name)
+        download = {"mode": "Download"}
+        if choice.mode == "Download":
+            return download, Condition("ModelDelivered", "True", "PerPodDownload",
+                                       f"each pod downloads the model from MLflow ({choice.why})"), None
+        if not choice.repository:
+            message = ("model.delivery is ImageVolume, but there is no registry for model images: set the chart's "
+                       "config.modelRegistry or spec.image.registry")
+            return None, Condition("ModelDelivered", "False", "ModelRegistryRequired", message), None
+        request = PublishRequest(
+            model_uri=model.uri, version=model.version, tracking_uri=tracking_uri, repository=choice.repository,
+            namespace=self.owner.namespace, runtime_image=runtime_image,
+            plain_http=settings.plain_http(choice.repository),
+            credentials_secret=spec.model.credentials_secret or "", push_secret=spec.image.push_secret,
+            node_selector=spec.hardware.node_selector, tolerations=spec.hardware.tolerations,
+        )
+        previous = self.current_status.get("delivery") or {}
+        if previous.get("tag") == request.image and previous.get("image"):
+            return dict(previous), Condition("ModelDelivered", "True", "Published",
+                                             f"pods mount {previous['image']} as an image volume"), None
+        job_key = ObjectKey("batch/v1", "Job", self.owner.namespace, request.name)
+        job = self.r.api.get(job_key)
+        finished = job is not None and any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+                                           for c in job.get("status", {}).get("conditions", []))
+        pods = self.r.api.list_pods(self.owner.namespace, {"job-name": request.name}) if finished else []
+        outcome = publish_outcome(job, pods)
+        if outcome.state == "Published":
+            published = {"mode": "ImageVolume", "image": outcome.image, "tag": request.image,
+                         "sizeBytes": outcome.size_bytes}
+            return published, Condition("ModelDelivered", "True", "Published",
+                                        f"pods mount {outcome.image} as an image volume"), None
+        if outcome.state == "Missing":
+            # Shared by every model serving this version: no owner, so one model's deletion cannot take it.
+            self.r.api.apply_if_changed(publish_job(request))
+            self.event("Normal", "PublishStarted", f"publishing {model.uri} as {request.image} in Job {request.name}")
+            return None, Condition("ModelDelivered", "False", "Publishing",
+                                   f"publishing {model.uri} as {request.image} in Job {request.name}"), BUILD_POLL_S
+        if outcome.state == "Publishing":
+            return None, Condition("ModelDelivered", "False", "Publishing", outcome.message), BUILD_POLL_S
+        if outcome.state == "Unfetchable":
+            return None, Condition("ModelDelivered", "False", "ModelUnavailable", outcome.message), None
+        if requested == "Auto":
+            return download, Condition("ModelDelivered", "True", "PerPodDownload",
+                                       f"{outcome.message}; each pod downloads the model from MLflow instead"), None
+        return None, Condition("ModelDelivered", "False", "PublishFailed", outcome.message), None
 
     def hold_for_build(
         self, conditions: list[Condition], image_condition: Condition, retry_after: float | None,

@@ -42,6 +42,10 @@ class OperatorSettings:
     image_catalog: tuple[CatalogImage, ...] = field(default_factory=default_catalog)
     field_manager: str = FIELD_MANAGER
     max_workers: int = 16
+    # Where `model.delivery: Auto | ImageVolume` publishes model images (REGISTRY[/PATH]); empty: Auto downloads.
+    model_registry: str = ""
+    # Registries (host:port) spoken to over plain HTTP, e.g. a cluster-local one; every other is HTTPS.
+    plain_http_registries: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -79,7 +83,12 @@ class OperatorSettings:
             builder_image=raw.get("builderImage", defaults.builder_image),
             image_catalog=catalog,
             max_workers=int(raw.get("maxWorkers", defaults.max_workers)),
+            model_registry=str(env.get("PHI3_MODEL_REGISTRY", raw.get("modelRegistry") or defaults.model_registry)),
+            plain_http_registries=tuple(str(r) for r in raw.get("plainHttpRegistries") or ()),
         )
+
+    def plain_http(self, image_or_registry: str) -> bool:
+        return image_or_registry.split("/", maxsplit=1)[0] in self.plain_http_registries
 
 
 def normalise_package(name: str) -> str:

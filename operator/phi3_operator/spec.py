@@ -94,6 +94,8 @@ RESOURCE_NAME_REGEX = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
                        r"/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 FIELDS: tuple[Field, ...] = (
+    # Auto: an image volume where the operator has a model registry (and Kubernetes >= 1.35), else Download.
+    Field("model.delivery", "string", "Auto", enum=("Auto", "ImageVolume", "Download")),
     Field("hardware.target", "string", enum=("cpu", "cuda")),
     Field("hardware.gpus", "integer", 1, minimum=1, maximum=16, crd_default=False),
     Field("hardware.gpuResourceName", "string", DEFAULT_GPU_RESOURCE, crd_default=False),
@@ -145,6 +147,7 @@ class ModelSource:
     uri: str
     tracking_uri: str | None = None
     credentials_secret: str | None = None
+    delivery: Literal["Auto", "ImageVolume", "Download"] = "Auto"
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
     model_raw = raw.get("model") or {}
     credentials = (model_raw.get("credentialsSecretRef") or {}).get("name")
     model = ModelSource(uri=model_raw["uri"], tracking_uri=model_raw.get("trackingUri") or None,
-                        credentials_secret=credentials)
+                        credentials_secret=credentials, delivery=value_of(raw, "model.delivery"))
 
     hw_raw = raw.get("hardware") or {}
     target = value_of(raw, "hardware.target")

@@ -13,7 +13,9 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("ModelResolved", "ImageReady", "Available", "Ready", "Reconciling", "Stalled")
+CONDITION_TYPES = ("ModelResolved", "ImageReady", "ModelDelivered", "Available", "Ready", "Reconciling", "Stalled")
+# What a pass learned before the Deployment: kept as they are when only the rollout moved.
+PRE_DEPLOYMENT_CONDITIONS = ("ModelResolved", "ImageReady", "ModelDelivered")
 
 # ok: all is well. progressing: planned work under way. transient: a failure that is retried with
 # backoff and may clear by itself. terminal: a failure that waiting will not fix; a person must act.
@@ -59,6 +61,22 @@ REASON_TABLE: tuple[Reason, ...] = (
            "the model needs a build but `image.registry` is empty: set it (and `image.pushSecretRef`)"),
     Reason("BuildFailed", "ImageReady", "terminal", "Failed",
            "the build Job failed: `kubectl logs job/<name>` (the message names it); delete the Job to retry"),
+    Reason("Published", "ModelDelivered", "ok", "Ready"),
+    Reason("PerPodDownload", "ModelDelivered", "ok", "Ready"),
+    Reason("Publishing", "ModelDelivered", "progressing", "Deploying",
+           "a Job publishes the model version to the model registry as an image (once per version); the old "
+           "Deployment keeps serving"),
+    Reason("ModelRegistryRequired", "ModelDelivered", "terminal", "Failed",
+           "`model.delivery: ImageVolume` needs a registry: set the chart's `config.modelRegistry` or the "
+           "model's `image.registry`, or use `Auto`"),
+    Reason("PublishFailed", "ModelDelivered", "terminal", "Failed",
+           "the publish Job could not push the model image (the message quotes it): registry address, "
+           "`config.plainHttpRegistries`, `image.pushSecretRef`; delete the Job `phi3-publish-*` to retry. "
+           "With `Auto` the pods download the model instead"),
+    Reason("ModelUnavailable", "ModelDelivered", "terminal", "Failed",
+           "the model's files cannot be fetched from MLflow (the message quotes why): the version's artifacts "
+           "were deleted, or the artifact store refuses; what serves keeps serving. Delete the Job "
+           "`phi3-publish-*` to retry"),
     Reason("MinimumReplicasAvailable", "Available", "ok", "Ready"),
     Reason("ScaledToZero", "Available", "ok", "Ready"),
     Reason("DeploymentMissing", "Available", "progressing", "Deploying",
@@ -122,6 +140,7 @@ class ObservedState:
     endpoint: Mapping[str, str] = field(default_factory=dict)
     replicas: int = 0
     ready_replicas: int = 0
+    delivery: Mapping[str, Any] = field(default_factory=dict)
     # The reconcile itself failed: Ready carries this instead of the conjunction of the others.
     failure: Condition | None = None
 
@@ -237,6 +256,8 @@ def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) 
         status["image"] = observed.image
     if observed.endpoint:
         status["endpoint"] = dict(observed.endpoint)
+    if observed.delivery:
+        status["delivery"] = dict(observed.delivery)
     return status
 
 
@@ -247,7 +268,7 @@ def failure_status(current: Mapping[str, Any], generation: int, failure: Conditi
     kept = [
         Condition(c["type"], c["status"], c.get("reason", ""), c.get("message", ""))
         for c in current.get("conditions", [])
-        if c.get("type") in ("ModelResolved", "ImageReady", "Available")
+        if c.get("type") in (*PRE_DEPLOYMENT_CONDITIONS, "Available")
     ]
     observed = ObservedState(
         generation=generation,
@@ -257,6 +278,7 @@ def failure_status(current: Mapping[str, Any], generation: int, failure: Conditi
         endpoint=current.get("endpoint") or {},
         replicas=int(current.get("replicas", 0)),
         ready_replicas=int(current.get("readyReplicas", 0)),
+        delivery=current.get("delivery") or {},
         failure=failure,
     )
     return build_status(current, observed, now)

@@ -201,16 +201,20 @@ def test_rbac_grants_no_wildcards_and_no_child_deletes(helm: Helm, values: tuple
 
 def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["config"]
-    docs = helm.template("--set", "config.maxWorkers=4", "--set", "config.resyncIntervalSeconds=30")
+    docs = helm.template("--set", "config.maxWorkers=4", "--set", "config.resyncIntervalSeconds=30",
+                         "--set", "config.modelRegistry=registry.local:5000/ml",
+                         "--set", "config.plainHttpRegistries[0]=registry.local:5000")
     raw = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
     assert set(raw) == {"defaultTrackingUri", "resyncIntervalSeconds", "modelRefreshIntervalSeconds",
-                        "builderImage", "maxWorkers", "imageCatalog"}
+                        "builderImage", "maxWorkers", "imageCatalog", "modelRegistry", "plainHttpRegistries"}
     settings = OperatorSettings.from_mapping(raw, env={})
     assert settings.default_tracking_uri == values["defaultTrackingUri"]
     assert settings.resync_interval_s == 30.0
     assert settings.model_refresh_interval_s == float(values["modelRefreshIntervalSeconds"])
     assert settings.builder_image == values["builderImage"]
     assert settings.max_workers == 4
+    assert settings.model_registry == "registry.local:5000/ml"
+    assert settings.plain_http("registry.local:5000/ml/phi3-models/m") and not settings.plain_http("ghcr.io/x")
     assert {(c.flavor, c.target) for c in settings.image_catalog} == {
         (flavor, target) for flavor in ("onnx-genai", "transformers", "pyfunc") for target in ("cpu", "cuda")
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from phi3_operator.status import (
+    CONDITION_TYPES,
     REASON_TABLE,
     REASONS,
     TERMINAL_REASONS,
@@ -95,7 +96,7 @@ def test_the_argocd_health_check_lists_exactly_the_terminal_reasons() -> None:
 
 def test_the_readme_troubleshooting_table_is_the_reason_table() -> None:
     readme = (ROOT / "README.md").read_text()
-    row = re.compile(r"\| `\w+` \| (ModelResolved|ImageReady|Available|Ready) \|")
+    row = re.compile(r"\| `\w+` \| (" + "|".join(CONDITION_TYPES) + r") \|")
     rows = [line for line in readme.splitlines() if row.match(line)]
     expected = [f"| `{r.name}` | {r.condition} | {r.kind} | {r.phase} | {r.help} |" for r in FAILURES]
     assert rows == expected, "regenerate the README's reason rows from status.REASON_TABLE"

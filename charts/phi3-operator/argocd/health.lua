@@ -17,10 +17,13 @@ local TERMINAL_REASONS = {
   InvalidSpec = true,
   MLflowAccessDenied = true,
   ModelNotFound = true,
+  ModelRegistryRequired = true,
+  ModelUnavailable = true,
   NoCompatibleImage = true,
   OOMKilled = true,
   PermissionDenied = true,
   ProgressDeadlineExceeded = true,
+  PublishFailed = true,
   RegistryRequired = true,
   RuntimeCrashLoop = true,
 }

@@ -34,6 +34,9 @@ class BuildContext:
     model_uri: str  # resolved and immutable where the resolver could make it so
     tracking_uri: str
     onnx_variant: str
+    # ImageVolume delivery: the model's published image, pinned by digest; "" downloads it per pod.
+    model_image: str = ""
+    model_size_bytes: int = 0  # 0: unknown
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The runtime Deployment: an init container fetches the model, MLServer serves it."""
+"""The runtime Deployment: MLServer serves the model from an image volume, or from what an init
+container downloaded."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from phi3_operator.builders.common import (
     metadata,
     selector_labels,
 )
+from phi3_operator.builders.delivery import STARTUP_PROBE_PERIOD_S, startup_failure_threshold
 
 RUNTIME_UID = 1000
 DEFAULT_CPU_RESOURCES: dict[str, Any] = {
@@ -81,7 +83,14 @@ def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def build_deployment(ctx: BuildContext) -> Manifest:
     spec = ctx.spec
-    volume_mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": "/models"}]
+    volume_mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if ctx.model_image:
+        volume_mounts.append({"name": "models", "mountPath": MODEL_DIR, "readOnly": True})
+        models_volume: dict[str, Any] = {"name": "models",
+                                         "image": {"reference": ctx.model_image, "pullPolicy": "IfNotPresent"}}
+    else:
+        volume_mounts.append({"name": "models", "mountPath": "/models"})
+        models_volume = {"name": "models", "emptyDir": {}}
     fetch = {
         "name": "fetch-model",
         "image": ctx.image,
@@ -116,8 +125,10 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "resources": runtime_resources(ctx),
         "readinessProbe": http_probe("/v2/health/ready", period=5, failures=3),
         "livenessProbe": http_probe("/v2/health/live", period=10, failures=3),
-        # Loading a model can take minutes; liveness must not kill a pod that is still loading.
-        "startupProbe": http_probe("/v2/health/live", period=5, failures=120),
+        # Loading a model can take minutes; liveness must not kill a pod that is still loading. The
+        # budget grows with the model's size where it is known (a published model image).
+        "startupProbe": http_probe("/v2/health/live", period=STARTUP_PROBE_PERIOD_S,
+                                   failures=startup_failure_threshold(ctx.model_size_bytes)),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": CONTAINER_SECURITY,
@@ -137,10 +148,11 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         },
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
-        "initContainers": [fetch],
         "containers": [runtime],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "models", "emptyDir": {}}],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, models_volume],
     }
+    if not ctx.model_image:
+        pod_spec["initContainers"] = [fetch]
     hw = spec.hardware
     tolerations = [dict(t) for t in hw.tolerations]
     if hw.target == "cuda" and GPU_TOLERATION not in tolerations:
