@@ -12,108 +12,29 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.cluster import Cluster
-from tests.support.mlflow_server import MlflowServer
-from tests.support.operator import OperatorProcess
 from tests.support.realnode import (
-    BRIDGE_ADDRESS,
     NODE_NAME,
     NODE_SELECTOR,
     NODE_TOLERATION,
-    build_images,
+    RealPath,
     containerd_socket,
     ctr_binary,
-    on_real_node,
+    diagnose,
     pod_start_phases,
+    ready_model,
     service_base_url,
     serving_pods,
 )
-from tests.support.serving import package
-from tests.support.tiny_model import build_tiny_model
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 MODEL = "tiny"
 REFRESH_S = 3.0
-
-
-@dataclass
-class RealPath:
-    cluster: Cluster
-    mlflow: MlflowServer
-    onnx_dir: Path
-    images: dict[str, str]
-    operator: OperatorProcess
-    namespace: str
-    restricted_namespace: str
-    registered: list[str] = field(default_factory=list)
-
-    def manifest(self, name: str, uri: str, **spec: Any) -> dict[str, Any]:
-        return model_manifest(name, uri, self.mlflow.tracking_uri, image={"override": self.images["mlserver-cpu"]},
-                              **spec)
-
-    def package(self, name: str, alias: str = "champion") -> str:
-        uri = package("onnx", self.onnx_dir, name=name, tracking_uri=self.mlflow.tracking_uri, alias=alias)
-        self.registered.append(uri)
-        return uri
-
-
-@pytest.fixture(scope="module")
-def real_path(crd: Cluster, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealPath]:
-    node = crd.get("node", NODE_NAME)
-    assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
-    images = build_images("mlserver-cpu")
-    workdir = tmp_path_factory.mktemp("realnode")
-    tiny = build_tiny_model(tmp_path_factory.mktemp("tiny-real"))
-    # Fresh names each run: a namespace from an earlier run may still be terminating.
-    namespace = crd.create_namespace("phi3-real")
-    restricted = crd.create_namespace("phi3-restricted")
-    crd.kubectl("label", "--overwrite", "namespace", restricted, "pod-security.kubernetes.io/enforce=restricted",
-                "pod-security.kubernetes.io/enforce-version=latest")
-    # The session's operator (it watches every namespace) serves these models too; its catalog names
-    # images that exist nowhere, so the models name the runtime image just built (`image.override`).
-    with MlflowServer(workdir / "mlflow", host=BRIDGE_ADDRESS) as mlflow:
-        try:
-            yield RealPath(crd, mlflow, tiny.onnx_dir, images, operator, namespace, restricted)
-        finally:
-            for name in (namespace, restricted):
-                crd.delete_namespace(name)
-
-
-def model_manifest(name: str, uri: str, tracking_uri: str, **spec: Any) -> dict[str, Any]:
-    return on_real_node({
-        "apiVersion": "phi3.ai/v1alpha1", "kind": "Phi3Model", "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": uri, "trackingUri": tracking_uri},
-            "hardware": {"target": "cpu"},
-            # Two pods fit the 2-core node side by side during a rollout.
-            "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "3Gi"}},
-            "generation": {"maxTokens": 16},
-            **spec,
-        },
-    })
-
-
-def ready_model(cluster: Cluster, name: str, namespace: str) -> dict[str, Any] | None:
-    obj: dict[str, Any] = cluster.get("phi3", name, namespace)
-    status = obj.get("status", {})
-    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-    fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
-    return obj if fresh and ready.get("status") == "True" else None
-
-
-def diagnose(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
-    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
-    events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
-    model = cluster.kubectl("get", "phi3", "-n", namespace, "-o", "yaml", check=False).stdout
-    return f"pods:\n{pods}\nevents:\n{events[-4000:]}\nmodel:\n{model[-3000:]}\noperator:\n{operator.log()[-3000:]}"
 
 
 def test_a_pod_on_the_real_node_has_logs_exec_dns_and_a_service(real_path: RealPath) -> None:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import REPO_ROOT, Cluster, cached_binary
+from tests.support.mlflow_server import MlflowServer
+from tests.support.operator import OperatorProcess
+from tests.support.serving import package
 
 NODE_NAME = "phi3-node-0"
 # Where the host serves the node's pods (API server, registry, DNS, test MLflow): the pod bridge's address.
@@ -80,3 +85,53 @@ def ctr_binary() -> str:
 def containerd_socket(cluster: Cluster) -> str:
     """The node's containerd (hack/localcluster keeps it in the cluster's state dir)."""
     return str(cluster.kubeconfig.parent / "node" / "containerd.sock")
+
+
+@dataclass
+class RealPath:
+    cluster: Cluster
+    mlflow: MlflowServer
+    onnx_dir: Path
+    images: dict[str, str]
+    operator: OperatorProcess
+    namespace: str
+    restricted_namespace: str
+    registered: list[str] = field(default_factory=list)
+
+    def manifest(self, name: str, uri: str, **spec: Any) -> dict[str, Any]:
+        return model_manifest(name, uri, self.mlflow.tracking_uri, image={"override": self.images["mlserver-cpu"]},
+                              **spec)
+
+    def package(self, name: str, alias: str = "champion") -> str:
+        uri = package("onnx", self.onnx_dir, name=name, tracking_uri=self.mlflow.tracking_uri, alias=alias)
+        self.registered.append(uri)
+        return uri
+
+
+def model_manifest(name: str, uri: str, tracking_uri: str, **spec: Any) -> dict[str, Any]:
+    return on_real_node({
+        "apiVersion": "phi3.ai/v1alpha1", "kind": "Phi3Model", "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": uri, "trackingUri": tracking_uri},
+            "hardware": {"target": "cpu"},
+            # Two pods fit the 2-core node side by side during a rollout.
+            "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "3Gi"}},
+            "generation": {"maxTokens": 16},
+            **spec,
+        },
+    })
+
+
+def ready_model(cluster: Cluster, name: str, namespace: str) -> dict[str, Any] | None:
+    obj: dict[str, Any] = cluster.get("phi3", name, namespace)
+    status = obj.get("status", {})
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+    fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
+    return obj if fresh and ready.get("status") == "True" else None
+
+
+def diagnose(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
+    model = cluster.kubectl("get", "phi3", "-n", namespace, "-o", "yaml", check=False).stdout
+    return f"pods:\n{pods}\nevents:\n{events[-4000:]}\nmodel:\n{model[-3000:]}\noperator:\n{operator.log()[-3000:]}"

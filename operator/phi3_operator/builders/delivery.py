@@ -160,6 +160,9 @@ def publish_job(request: PublishRequest) -> Manifest:
                      "annotations": {"phi3.ai/image": request.image, "phi3.ai/model-uri": request.model_uri}},
         "spec": {
             "backoffLimit": 2,
+            # A model that cannot be fetched will not be fetched on a second try: fail at once.
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": "publish", "operator": "In", "values": [EXIT_FETCH]}}]},
             "activeDeadlineSeconds": 3600,
             # The pinned image lives on in each model's status; the finished Job need not.
             "ttlSecondsAfterFinished": 86400,
