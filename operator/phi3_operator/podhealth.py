@@ -61,6 +61,10 @@ def _memory_limit(pod: Mapping[str, Any], container: str) -> str | None:
     return None
 
 
+def _image_volumes(pod: Mapping[str, Any]) -> list[str]:
+    return [str(v["image"].get("reference", "")) for v in pod.get("spec", {}).get("volumes", []) if "image" in v]
+
+
 def _terminations(status: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
     for key in ("state", "lastState"):
         terminated = status.get(key, {}).get("terminated")
@@ -79,8 +83,11 @@ def _container_problem(pod: Mapping[str, Any], status: Mapping[str, Any], init: 
                     f"raise {field}")
     waiting = status.get("state", {}).get("waiting", {})
     if waiting.get("reason") in IMAGE_PULL_WAITING:
-        return ("ImagePullFailed", f"container {name} cannot pull {status.get('image', '')}: "
-                f"{_tail(str(waiting.get('message', waiting['reason'])))}")
+        said = str(waiting.get("message", waiting["reason"]))
+        # The kubelet reports a model image volume that cannot be pulled on the container that mounts it.
+        model_image = next((ref for ref in _image_volumes(pod) if ref in said), None)
+        what = f"the model image {model_image} (an image volume)" if model_image else status.get("image", "")
+        return ("ImagePullFailed", f"container {name} cannot pull {what}: {_tail(said)}")
     failed = next((t for t in _terminations(status) if t.get("exitCode", 0) != 0), None)
     if failed is None:
         return None
@@ -109,3 +116,39 @@ def pod_problem(pods: Iterable[Mapping[str, Any]]) -> PodProblem | None:
                 if found:
                     return PodProblem(reason=found[0], message=found[1], pod=str(pod["metadata"].get("name", "")))
     return None
+
+
+def _time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def start_phases(pod: Mapping[str, Any]) -> dict[str, float]:
+    """Seconds from the pod's creation to: scheduled, model fetched (init containers done; about 0 with
+    an image volume), runtime started, Ready. Only the phases the pod has reached."""
+    created = _time(pod.get("metadata", {}).get("creationTimestamp"))
+    if created is None:
+        return {}
+    status = pod.get("status", {})
+    conditions = {c.get("type"): c for c in status.get("conditions", [])}
+    moments: dict[str, Any] = {}
+    for phase, condition in (("scheduled", "PodScheduled"), ("fetched", "Initialized"), ("ready", "Ready")):
+        if conditions.get(condition, {}).get("status") == "True":
+            moments[phase] = conditions[condition].get("lastTransitionTime")
+    runtime: Mapping[str, Any] = next(
+        (c for c in status.get("containerStatuses", []) if c.get("name") == RUNTIME_CONTAINER), {})
+    moments["runtime_started"] = runtime.get("state", {}).get("running", {}).get("startedAt")
+    phases = {}
+    for phase, moment in moments.items():
+        at = _time(moment) if moment else None
+        if at is not None:
+            phases[phase] = (at - created).total_seconds()
+    return phases
+
+
+def newest_ready_pod(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    ready = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")
+             and "ready" in start_phases(p)]
+    return max(ready, key=lambda p: str(p["metadata"].get("creationTimestamp", "")), default=None)

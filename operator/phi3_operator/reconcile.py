@@ -20,7 +20,7 @@ from phi3_operator.builders.delivery import PublishRequest, choose_delivery, pub
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
-from phi3_operator.podhealth import pod_problem, rollout_stuck
+from phi3_operator.podhealth import newest_ready_pod, pod_problem, rollout_stuck, start_phases
 from phi3_operator.resolve import ResolvedModel, ResolveError, Resolver
 from phi3_operator.settings import OperatorSettings
 from phi3_operator.spec import Phi3ModelSpec, SpecError, parse_spec
@@ -187,6 +187,8 @@ class Reconciler:
         if written is None or not _reconciled_cleanly(written):
             return False
         available, replicas, ready = self.serving_condition(deployment)
+        key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
+        delivery = self.note_start(key, owners[0], written, available, deployment, written.get("delivery", {}))
         kept = [
             Condition(c["type"], c["status"], c["reason"], c["message"])
             for c in written.get("conditions", [])
@@ -200,9 +202,8 @@ class Reconciler:
             endpoint=written.get("endpoint", {}),
             replicas=replicas,
             ready_replicas=ready,
-            delivery=written.get("delivery", {}),
+            delivery=delivery,
         )
-        key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
         self.record_status(key, owners[0], written, build_status(written, observed, self.clock()))
         return True
 
@@ -218,6 +219,27 @@ class Reconciler:
             return available, replicas, ready
         unavailable = Condition("Available", "False", problem.reason, f"pod {problem.pod}: {problem.message}")
         return unavailable, replicas, ready
+
+    def note_start(self, key: ObjectKey, uid: str, previous: Mapping[str, Any], available: Condition,
+                   deployment: Mapping[str, Any] | None, delivery: Mapping[str, Any]) -> dict[str, Any]:
+        """When a rollout has just become available: how long its newest pod took to be Ready, as a Normal
+        Event and in status.delivery.lastStartSeconds. One pod list per completed rollout, no more."""
+        was = {c.get("type"): c for c in previous.get("conditions", [])}.get("Available", {})
+        if (deployment is None or available.status != "True" or available.reason == "ScaledToZero"
+                or was.get("status") == "True"):
+            return dict(delivery)
+        selector = deployment.get("spec", {}).get("selector", {}).get("matchLabels", {})
+        pod = newest_ready_pod(self.api.list_pods(key.namespace, selector))
+        if pod is None:
+            return dict(delivery)
+        phases = start_phases(pod)
+        steps = ", ".join(f"{name.replace('_', ' ')} +{phases[name]:.0f}s"
+                          for name in ("scheduled", "fetched", "runtime_started") if name in phases)
+        mode = delivery.get("mode", "Download")
+        emit_event(self.api, key, uid=uid, event_type="Normal", reason="PodReady", now=self.clock(),
+                   message=f"pod {pod['metadata'].get('name')} was Ready {phases['ready']:.0f}s after it was "
+                           f"created ({steps}); model delivery: {mode}")
+        return {**delivery, "lastStartSeconds": phases["ready"]}
 
     def record_status(self, key: ObjectKey, uid: str, current: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Write `status` where it differs from `current`, and remember it either way: when nothing
@@ -259,6 +281,14 @@ class Reconciler:
             raise
         self.metrics.reconciled("ok" if outcome.requeue_after is None else "requeue")
         return outcome
+
+
+def keep_start(delivery: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The last measured start stays in the status while the pods get their model the same way."""
+    same = all(delivery.get(k) == previous.get(k) for k in ("mode", "image"))
+    if same and "lastStartSeconds" in previous:
+        return {**delivery, "lastStartSeconds": previous["lastStartSeconds"]}
+    return dict(delivery)
 
 
 def _reconciled_cleanly(status: Mapping[str, Any]) -> bool:
@@ -414,6 +444,8 @@ class _Pass:
 
         available, replicas, ready = self.r.serving_condition(deployment)
         conditions.append(available)
+        delivery = self.r.note_start(self.key, self.owner.uid, self.current_status, available, deployment,
+                                     keep_start(delivery, self.current_status.get("delivery") or {}))
         self.write_status(
             ObservedState(
                 generation=self.generation,

@@ -11,10 +11,10 @@ import copy
 import json
 import subprocess
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from phi3_operator.podhealth import start_phases
 from tests.support.cluster import REPO_ROOT, Cluster, cached_binary
 from tests.support.mlflow_server import MlflowServer
 from tests.support.operator import OperatorProcess
@@ -54,23 +54,10 @@ def service_base_url(cluster: Cluster, name: str, namespace: str) -> str:
     return f"http://{service['spec']['clusterIP']}:{port}"
 
 
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 def pod_start_phases(pod: dict[str, Any]) -> dict[str, float]:
-    """Seconds from pod creation to scheduled, model fetched (init done), runtime started, Ready."""
-    created = _time(pod["metadata"]["creationTimestamp"])
-    conditions = {c["type"]: c for c in pod["status"].get("conditions", [])}
-    phases: dict[str, float] = {}
-    for name, condition in (("scheduled", "PodScheduled"), ("fetched", "Initialized"), ("ready", "Ready")):
-        if conditions.get(condition, {}).get("status") == "True":
-            phases[name] = (_time(conditions[condition]["lastTransitionTime"]) - created).total_seconds()
-    runtime = next((s for s in pod["status"].get("containerStatuses", []) if s["name"] == "runtime"), None)
-    started = (runtime or {}).get("state", {}).get("running", {}).get("startedAt")
-    if started:
-        phases["runtime_started"] = (_time(started) - created).total_seconds()
-    return phases
+    """Seconds from pod creation to scheduled, model fetched (init done), runtime started, Ready: the
+    operator's own reading, which its rollout Event reports."""
+    return start_phases(pod)
 
 
 def serving_pods(cluster: Cluster, name: str, namespace: str) -> list[dict[str, Any]]:

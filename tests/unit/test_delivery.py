@@ -264,3 +264,26 @@ def test_a_rollout_keeps_the_delivery_in_the_status(reconciler: Reconciler, api:
     api.roll_out()
     assert reconciler.handle((NS, "phi3"), DeploymentChanged(api.objects[DEPLOYMENT_PATH])) is None
     assert status(api)["phase"] == "Ready" and status(api)["delivery"]["image"] == PINNED
+
+
+def test_a_completed_rollout_reports_its_pod_start_once(reconciler: Reconciler, api: FakeApiServer) -> None:
+    create_model(api)
+    reconcile(reconciler, api)
+    finish_job(api, "Complete", 0, json.dumps({"image": PINNED, "sizeBytes": 1, "reused": True}))
+    reconcile(reconciler, api)
+    api.roll_out()
+    api.objects[f"/api/v1/namespaces/{NS}/pods/phi3-abc"] = {
+        "metadata": {"name": "phi3-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:08Z"}]}}
+    reconciler.handle((NS, "phi3"), DeploymentChanged(api.objects[DEPLOYMENT_PATH]))
+    started = [e for e in api.events if e["reason"] == "PodReady"]
+    assert len(started) == 1 and "Ready 8s after it was created" in started[0]["message"]
+    assert "model delivery: ImageVolume" in started[0]["message"]
+    assert status(api)["delivery"]["lastStartSeconds"] == 8.0
+    writes = len(api.writes)
+    assert reconcile(reconciler, api) is None
+    reconciler.handle((NS, "phi3"), DeploymentChanged(api.objects[DEPLOYMENT_PATH]))
+    assert len([e for e in api.events if e["reason"] == "PodReady"]) == 1, "once per rollout"
+    assert len(api.writes) == writes, "a no-op pass writes nothing"

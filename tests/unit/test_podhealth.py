@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from phi3_operator.podhealth import pod_problem, rollout_stuck
+from phi3_operator.podhealth import newest_ready_pod, pod_problem, rollout_stuck, start_phases
 
 
 def pod(init: list[dict[str, Any]] | None = None, containers: list[dict[str, Any]] | None = None,
@@ -84,3 +84,32 @@ def test_pods_are_read_only_once_a_rollout_has_stalled(updated: str, stuck: bool
     deployment = {"status": {"conditions": [{"type": "Progressing", "lastUpdateTime": updated}]}}
     assert rollout_stuck(deployment, "2026-01-01T00:01:00Z") is stuck
     assert rollout_stuck({"status": {}}, "2026-01-01T00:01:00Z") is False
+
+
+def test_an_unpullable_model_image_volume_is_named_not_the_runtime_image() -> None:
+    model_image = "reg/phi3-models/m@sha256:" + "b" * 64
+    waiting = {"waiting": {"reason": "ErrImagePull", "message": f'failed to pull "{model_image}": not found'}}
+    broken = pod(containers=[{"name": "runtime", "image": "reg/runtime:1", "state": waiting}])
+    broken["spec"]["volumes"] = [{"name": "models", "image": {"reference": model_image}}]
+    found = pod_problem([broken])
+    assert found is not None and found.reason == "ImagePullFailed"
+    assert f"the model image {model_image}" in found.message and "reg/runtime:1" not in found.message
+
+
+def started_pod(name: str, created: str, ready_at: str | None) -> dict[str, Any]:
+    conditions = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": created},
+                  {"type": "Initialized", "status": "True", "lastTransitionTime": created}]
+    if ready_at:
+        conditions.append({"type": "Ready", "status": "True", "lastTransitionTime": ready_at})
+    return {"metadata": {"name": name, "creationTimestamp": created},
+            "status": {"conditions": conditions, "containerStatuses": [
+                {"name": "runtime", "state": {"running": {"startedAt": "2026-01-01T00:00:02Z"}}}]}}
+
+
+def test_start_phases_and_the_newest_ready_pod() -> None:
+    first = started_pod("a", "2026-01-01T00:00:00Z", "2026-01-01T00:00:07Z")
+    assert start_phases(first) == {"scheduled": 0.0, "fetched": 0.0, "ready": 7.0, "runtime_started": 2.0}
+    newer = started_pod("b", "2026-01-01T00:00:01Z", "2026-01-01T00:00:09Z")
+    starting = started_pod("c", "2026-01-01T00:00:05Z", None)
+    assert newest_ready_pod([first, newer, starting]) is newer
+    assert newest_ready_pod([starting]) is None
