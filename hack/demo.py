@@ -3,8 +3,10 @@
 Starts the local cluster (control plane, kwok nodes and one real node: kubelet + containerd), builds
 the project's images with buildah and pushes them to the cluster's registry, runs MLflow in the
 cluster, builds the tiny Phi-3 model and packages it into MLflow with the alias `champion`, installs
-the operator with its Helm chart, applies examples/phi3-cpu.yaml, and asks the model through its
-Service with the openai SDK, streaming. Then it moves the alias and shows the rollout to a new pod.
+the operator with its Helm chart (model images go to the cluster's registry), applies
+examples/phi3-cpu.yaml, and asks the model through its Service with the openai SDK, streaming. The
+operator publishes the model version once as an OCI image and the pod mounts it as an image volume.
+Then it moves the alias and shows the rollout to a new pod.
 `--down` stops everything the demo started.
 """
 
@@ -121,6 +123,9 @@ def ready(cluster: Cluster) -> dict[str, Any] | None:
     return obj if fresh and conditions.get("Ready", {}).get("status") == "True" else None
 
 
+MODEL_REGISTRY = "10.88.0.1:5000/demo"
+
+
 def operator_values(images: dict[str, str]) -> dict[str, Any]:
     repository, digest = images["operator"].split("@", 1)
     return {
@@ -129,6 +134,8 @@ def operator_values(images: dict[str, str]) -> dict[str, Any]:
         "config": {
             "defaultTrackingUri": IN_CLUSTER_TRACKING_URI,
             "resyncIntervalSeconds": 10, "modelRefreshIntervalSeconds": 5,
+            # Model versions are published once to the node's registry and mounted as image volumes.
+            "modelRegistry": MODEL_REGISTRY, "plainHttpRegistries": [MODEL_REGISTRY.split("/", maxsplit=1)[0]],
             "imageCatalog": [{"flavor": flavor, "target": "cpu", "image": images["mlserver-cpu"],
                               "packagesFile": "files/mlserver-cpu.packages.txt"}
                              for flavor in ("onnx-genai", "transformers", "pyfunc")],
@@ -164,6 +171,16 @@ def ask(base_url: str, question: str) -> None:
             first_token_s = first_token_s if first_token_s is not None else time.monotonic() - started
             streamed.append(chunk.choices[0].delta.content)
     info(f"streamed:  {len(streamed)} chunks, first after {first_token_s or 0:.3f}s: {''.join(streamed)!r}")
+
+
+def describe_delivery(cluster: Cluster, obj: dict[str, Any]) -> None:
+    delivery = obj["status"].get("delivery", {})
+    where = f": pods mount {delivery['image']}" if delivery.get("image") else ""
+    info(f"model delivery: {delivery.get('mode', 'Download')}{where}")
+    events = json.loads(cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", "reason=PodReady",
+                                        "-o", "json").stdout)["items"]
+    for event in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")[-1:]:
+        info(f"event PodReady: {event['message']}")
 
 
 def describe_pods(cluster: Cluster) -> None:
@@ -227,6 +244,7 @@ def up() -> None:
     model = obj["status"]["model"]
     info(f"models:/{MODEL}@champion resolved to {model['resolvedUri']} (run {model.get('runId', '')})")
     info(f"endpoint: {obj['status']['endpoint']['chatCompletions']}")
+    describe_delivery(cluster, obj)
     describe_pods(cluster)
 
     base_url = service_base_url(cluster, MODEL, NAMESPACE)
@@ -249,9 +267,9 @@ def up() -> None:
 
     wait_until(rolled, timeout=600, interval=2, message=f"the rollout to {second_uri}")
     deployment = cluster.get("deployment", MODEL, NAMESPACE)
-    fetch = deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
-    info(f"Deployment now fetches {fetch[fetch.index('--model-uri') + 1]}")
+    info(f"Deployment now serves {deployment['spec']['template']['metadata']['annotations']['phi3.ai/model-uri']}")
     info(cluster.kubectl("get", "phi3", "-n", NAMESPACE).stdout.strip().replace("\n", "\n    "))
+    describe_delivery(cluster, cluster.get("phi3", MODEL, NAMESPACE))
     describe_pods(cluster)
     events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                              "reason=ModelVersionChanged", "-o", "json").stdout

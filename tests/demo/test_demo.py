@@ -103,7 +103,9 @@ def test_make_demo_answers_from_a_real_pod_and_demo_down_leaves_the_host_clean(t
             "assistant: ",
             "streamed: ",
             "came from the runtime container of the pod above, through the Service",
-            "Deployment now fetches models:/phi3-mini/",
+            "model delivery: ImageVolume: pods mount 10.88.0.1:5000/demo/phi3-models/phi3-mini@sha256:",
+            "event PodReady: pod phi3-mini-",
+            "Deployment now serves models:/phi3-mini/",
             "event ModelVersionChanged: rolling from models:/phi3-mini/",
             "Clean up with: make demo-down",
         ):
