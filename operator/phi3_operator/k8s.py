@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import kubernetes
@@ -86,15 +87,19 @@ def is_subset(desired: Any, live: Any) -> bool:
     return str(desired) == str(live)
 
 
-def new_api_client() -> ApiClient:
-    """A client from the in-cluster service account, else from KUBECONFIG / ~/.kube/config."""
+def new_api_client(identity: str = "") -> ApiClient:
+    """A client from the in-cluster service account, else from KUBECONFIG / ~/.kube/config.
+
+    Its User-Agent names the replica (`identity`), so the API server's audit log tells replicas apart."""
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     configuration = kubernetes.client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 32
-    return ApiClient(configuration)
+    client = ApiClient(configuration)
+    client.user_agent = f"{FIELD_MANAGER}/{version('phi3-operator')}" + (f" ({identity})" if identity else "")
+    return client
 
 
 class KubeApi:

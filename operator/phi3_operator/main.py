@@ -43,8 +43,9 @@ def run(options: RunOptions) -> None:
     # MLflow draws progress bars for every MLmodel it reads; they are noise in an operator log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = OperatorSettings.load(options.config_path)
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     reconciler = Reconciler(
-        api=KubeApi(new_api_client(), settings.field_manager),
+        api=KubeApi(new_api_client(identity), settings.field_manager),
         settings=settings,
         resolver=Resolver(lookup=mlflow_lookup, refresh_interval_s=settings.model_refresh_interval_s),
     )
@@ -57,7 +58,6 @@ def run(options: RunOptions) -> None:
     register(registry, settings, namespaces=options.namespaces)
     elector = None
     if options.leader_election_namespace:
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaderElector(reconciler.api, options.leader_election_namespace, identity)
         # Until kopf installs its own handler, SIGTERM unwinds through `finally`, which releases the Lease.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -4,9 +4,11 @@ reconciles, and a SIGKILLed leader hands over to the standby within a bounded ti
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +74,34 @@ def test_only_the_leader_reconciles_and_a_killed_leader_hands_over(
     # The leader dies without releasing the Lease; a model created meanwhile waits for the standby.
     first.stop(signal.SIGKILL)
     killed = time.monotonic()
+    killed_at = datetime.now(timezone.utc)
     crd.apply(model("after", pyfunc_model_uri), namespace)
     wait_until(lambda: reconciled(crd, namespace, "after"), timeout=60, message="the standby to take over")
     handover = time.monotonic() - killed
     print(f"\nHA handover: leader SIGKILLed -> new model reconciled by the standby in {handover:.1f} s")
     assert "became leader" in standby.log()
     assert handover < HANDOVER_BOUND_S, f"handover took {handover:.1f} s"
+
+    # The API server's audit log: which replica wrote what, when (each replica's User-Agent names it).
+    writes = replica_writes(crd, namespace)
+    by_first = [at for at, who in writes if who == first.extra_env["POD_NAME"]]
+    by_standby = [at for at, who in writes if who == standby.extra_env["POD_NAME"]]
+    print(f"audit: {len(by_first)} writes by the first leader, {len(by_standby)} by the standby after it took over")
+    assert by_first and by_standby, writes
+    assert max(by_first) <= killed_at <= min(by_standby), "two replicas reconciled at once"
+
+
+def replica_writes(cluster: Cluster, namespace: str) -> list[tuple[datetime, str]]:
+    """(time, replica) of every write in `namespace` by an operator replica, Lease renewals aside."""
+    writes = []
+    for line in (cluster.kubeconfig.parent / "audit.log").read_text(errors="replace").splitlines():
+        event = json.loads(line)
+        agent, ref = event.get("userAgent", ""), event.get("objectRef", {})
+        match = re.match(r"phi3-operator/\S+ \((.+)\)$", agent)
+        if match and ref.get("namespace") == namespace and ref.get("resource") != "leases":
+            at = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
+            writes.append((at, match.group(1)))
+    return writes
 
 
 def test_a_leader_that_shuts_down_cleanly_hands_over_at_once(
