@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "operator"))
 
 from tests.support.cluster import Cluster, localcluster  # noqa: E402
-from tests.support.operator import OperatorProcess, install_crd, operator_env  # noqa: E402
+from tests.support.operator import OperatorProcess, install_crd, is_operator_agent, operator_env  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
 
 from phi3_operator.builders import BuildContext, Owner, build_children  # noqa: E402
@@ -151,7 +151,7 @@ def audit_writes(audit_log: Path, since: int) -> int:
         for number, line in enumerate(log):
             if number >= since:
                 agent = json.loads(line).get("userAgent", "")
-                count += "kopf" in agent or "OpenAPI" in agent
+                count += is_operator_agent(agent)
     return count
 
 

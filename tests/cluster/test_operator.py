@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from tests.support.cluster import REPO_ROOT, Cluster
-from tests.support.operator import OperatorProcess
+from tests.support.operator import OperatorProcess, is_operator_agent
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -202,7 +202,7 @@ def operator_writes(audit_log: Path, namespace: str, since_line: int) -> list[di
                 continue
             entry = json.loads(line)
             agent = entry.get("userAgent", "")
-            if entry["objectRef"].get("namespace") == namespace and ("kopf" in agent or "OpenAPI" in agent):
+            if entry["objectRef"].get("namespace") == namespace and is_operator_agent(agent):
                 writes.append(entry)
     return writes
 

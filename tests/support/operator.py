@@ -78,3 +78,9 @@ def operator_env(resync_s: float = 3.0, refresh_s: float = 3.0) -> dict[str, str
 def stop_host_operators() -> None:
     for process in list(RUNNING):
         process.stop()
+
+
+def is_operator_agent(user_agent: str) -> bool:
+    """An API request by the operator: its own client names itself phi3-operator/VERSION (k8s.new_api_client),
+    kopf's watches and patches say kopf."""
+    return user_agent.startswith("phi3-operator/") or "kopf" in user_agent
