@@ -5,11 +5,14 @@
 2. Time to reconcile N CRs (default 1,000) created at once.
 3. Operator RSS at N CRs.
 4. API writes by the operator during a no-op resync (from the API server's audit log).
+5. The scale curve: a fresh operator process takes 100, then 1,000, then 3,000 models (added in steps);
+   its CPU-seconds per model added and its RSS at each step show how cost grows with the model count.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -181,6 +184,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--crs", type=int, default=1000)
     parser.add_argument("--resync", type=float, default=30.0)
+    parser.add_argument("--curve", default="100,1000,3000",
+                        help="model counts for the scale curve, comma-separated; empty: skip it")
     args = parser.parse_args()
 
     started_cluster = localcluster("status", check=False).returncode != 0
@@ -252,6 +257,12 @@ def main() -> int:
         }
         result["scale"]["operator_rss_mb_after_resync"] = round(process.memory_info().rss / 2**20, 1)
         print(json.dumps(result["noop_resync"], indent=2), flush=True)
+        if args.curve:
+            operator.stop()
+            cluster.delete_namespace(scale_ns)
+            steps = [int(step) for step in args.curve.split(",")]
+            result["scale_curve"] = scale_curve(cluster, uri, work, steps, args.resync)
+            print(json.dumps(result["scale_curve"], indent=2), flush=True)
     finally:
         operator.stop()
         for namespace in namespaces:
@@ -262,6 +273,48 @@ def main() -> int:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     return 0
+
+
+def scale_curve(cluster: Cluster, uri: str, work: Path, steps: list[int], resync_s: float) -> dict[str, Any]:
+    """One fresh operator, models added in steps; per step: CPU-seconds per model added, RSS at the total."""
+    namespace = cluster.create_namespace("bench-curve")
+    operator = OperatorProcess(cluster, work / "operator-curve.log", operator_env(resync_s=resync_s, refresh_s=60))
+    operator.start()
+    points: list[dict[str, Any]] = []
+    try:
+        wait_until(lambda: "Initial authentication has finished" in operator.log(), timeout=60,
+                   message="operator start")
+        process = psutil.Process(operator.process.pid if operator.process else 0)
+        created = 0
+        for total in steps:
+            cpu_before = sum(process.cpu_times()[:2])
+            started = time.perf_counter()
+            manifests = [cr(f"curve-{i:05d}", uri) for i in range(created, total)]
+            for chunk in range(0, len(manifests), 250):
+                cluster.kubectl("create", "-n", namespace, "-f", "-", timeout=600, stdin=json.dumps(
+                    {"apiVersion": "v1", "kind": "List", "items": manifests[chunk : chunk + 250]}))
+            wait_for_reconciled(cluster, namespace, total, deadline_s=1800)
+            cpu_s = sum(process.cpu_times()[:2]) - cpu_before
+            points.append({"models": total, "added": total - created,
+                           "reconcile_added_s": round(time.perf_counter() - started, 1),
+                           "operator_cpu_s_added": round(cpu_s, 1),
+                           "operator_cpu_ms_per_model": round(1000 * cpu_s / (total - created), 1),
+                           "operator_rss_mb": round(process.memory_info().rss / 2**20, 1)})
+            print(json.dumps(points[-1]), flush=True)
+            created = total
+    finally:
+        operator.stop()
+        cluster.delete_namespace(namespace)
+    first, last = points[0], points[-1]
+    # Linear or better: the last step's cost per model is no higher than the first's (with a noise margin),
+    # and RSS per model above the first point's baseline does not grow from step to step.
+    rss_per_model = [round((b["operator_rss_mb"] - a["operator_rss_mb"]) / (b["models"] - a["models"]) * 1000, 1)
+                     for a, b in itertools.pairwise(points)]
+    return {"points": points,
+            "rss_kb_per_model_between_steps": rss_per_model,
+            "cpu_per_model_last_over_first": round(last["operator_cpu_ms_per_model"]
+                                                   / max(first["operator_cpu_ms_per_model"], 0.1), 2),
+            "target": "CPU per model and RSS per model must not grow with the model count (at most linear)"}
 
 
 def _sleep_then_quiet(audit_log: Path, mark: int, seconds: float) -> bool:
