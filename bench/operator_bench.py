@@ -278,7 +278,9 @@ def main() -> int:
 def scale_curve(cluster: Cluster, uri: str, work: Path, steps: list[int], resync_s: float) -> dict[str, Any]:
     """One fresh operator, models added in steps; per step: CPU-seconds per model added, RSS at the total."""
     namespace = cluster.create_namespace("bench-curve")
-    operator = OperatorProcess(cluster, work / "operator-curve.log", operator_env(resync_s=resync_s, refresh_s=60))
+    # It watches its own namespace only: the models of the earlier phases are still being deleted.
+    operator = OperatorProcess(cluster, work / "operator-curve.log", operator_env(resync_s=resync_s, refresh_s=60),
+                               args=("--namespace", namespace))
     operator.start()
     points: list[dict[str, Any]] = []
     try:
