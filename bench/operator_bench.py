@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +149,15 @@ def wait_for_reconciled(cluster: Cluster, namespace: str, count: int, deadline_s
         raise TimeoutError(f"only {len(done)}/{count} models reconciled within {deadline_s:.0f}s")
 
 
-def audit_writes(audit_log: Path, since: int) -> int:
+def audit_writes(audit_log: Path, since: int, namespaces: Sequence[str]) -> int:
+    """Writes by the operator in `namespaces` after line `since` of the audit log."""
     count = 0
     with open(audit_log) as log:
         for number, line in enumerate(log):
             if number >= since:
-                agent = json.loads(line).get("userAgent", "")
-                count += is_operator_agent(agent)
+                entry = json.loads(line)
+                in_bench = (entry.get("objectRef") or {}).get("namespace") in namespaces
+                count += in_bench and is_operator_agent(entry.get("userAgent", ""))
     return count
 
 
@@ -198,7 +201,9 @@ def main() -> int:
     uri = save_model(work)
     audit_log = cluster.kubeconfig.parent / "audit.log"
     namespaces = [cluster.create_namespace(p) for p in ("bench-baseline", "bench-latency", "bench-scale")]
-    operator = OperatorProcess(cluster, work / "operator.log", operator_env(resync_s=args.resync, refresh_s=60))
+    # Only the bench's namespaces: models an earlier run left terminating must not be reconciled and counted.
+    operator = OperatorProcess(cluster, work / "operator.log", operator_env(resync_s=args.resync, refresh_s=60),
+                               args=tuple(arg for namespace in namespaces for arg in ("--namespace", namespace)))
     machine = {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}
     result: dict[str, Any] = {"machine": machine}
     try:
@@ -242,8 +247,12 @@ def main() -> int:
         print(json.dumps(result["scale"], indent=2), flush=True)
 
         # Let rollouts settle, then watch two full resync intervals for writes.
-        wait_until(lambda: audit_writes(audit_log, mark := line_count(audit_log)) == 0 and _sleep_then_quiet(
-            audit_log, mark, args.resync / 3), timeout=600, interval=0.1, message="operator writes to settle")
+        def settled() -> bool:
+            mark = line_count(audit_log)
+            return audit_writes(audit_log, mark, namespaces) == 0 and _sleep_then_quiet(
+                audit_log, mark, args.resync / 3, namespaces)
+
+        wait_until(settled, timeout=600, interval=0.1, message="operator writes to settle")
         mark = line_count(audit_log)
         resyncs_before = operator.log().count(" models in ")
         time.sleep(2 * args.resync + 2)
@@ -252,7 +261,7 @@ def main() -> int:
             "resync_interval_s": args.resync,
             "resync_passes_observed": passes,
             "models": args.crs + args.samples,
-            "operator_writes": audit_writes(audit_log, mark),
+            "operator_writes": audit_writes(audit_log, mark, namespaces),
             "target_writes": 0,
         }
         result["scale"]["operator_rss_mb_after_resync"] = round(process.memory_info().rss / 2**20, 1)
@@ -319,9 +328,9 @@ def scale_curve(cluster: Cluster, uri: str, work: Path, steps: list[int], resync
             "target": "CPU per model and RSS per model must not grow with the model count (at most linear)"}
 
 
-def _sleep_then_quiet(audit_log: Path, mark: int, seconds: float) -> bool:
+def _sleep_then_quiet(audit_log: Path, mark: int, seconds: float, namespaces: Sequence[str]) -> bool:
     time.sleep(seconds)
-    return audit_writes(audit_log, mark) == 0
+    return audit_writes(audit_log, mark, namespaces) == 0
 
 
 if __name__ == "__main__":
