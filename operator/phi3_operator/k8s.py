@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -102,6 +103,18 @@ def new_api_client(identity: str = "") -> ApiClient:
     return client
 
 
+THROTTLE_RETRIES = 3
+THROTTLE_WAIT_MAX_S = 5.0
+
+
+def retry_after_s(header: str | None) -> float:
+    """The API server's Retry-After (whole seconds), bounded: a worker never sleeps long on one request."""
+    try:
+        return min(max(float(header or 1), 0.1), THROTTLE_WAIT_MAX_S)
+    except ValueError:
+        return 1.0
+
+
 class KubeApi:
     def __init__(self, client: ApiClient, field_manager: str = FIELD_MANAGER) -> None:
         self.client = client
@@ -123,8 +136,14 @@ class KubeApi:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.client.call_api(method, url, header_params=headers, body=payload, _request_timeout=30)
-        data = response.read()  # type: ignore[no-untyped-call]
+        for attempt in range(THROTTLE_RETRIES + 1):
+            response = self.client.call_api(method, url, header_params=headers, body=payload, _request_timeout=30)
+            data = response.read()  # type: ignore[no-untyped-call]
+            if response.status != 429 or attempt == THROTTLE_RETRIES:
+                break
+            # API Priority and Fairness asks us to wait (Retry-After): client-go waits and retries itself, so a
+            # throttled request is not a failed reconcile, a backoff and a status flip.
+            time.sleep(retry_after_s(response.getheader("Retry-After")))  # type: ignore[no-untyped-call]
         if not 200 <= response.status < 300:
             detail = str(response.reason or "")
             with contextlib.suppress(TypeError, ValueError, AttributeError):
