@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo        run the whole product on the local control plane"
 	@echo "make test        install everything and run the full suite (lint, unit, cluster, serving, chart)"
-	@echo "make bench       operator and runtime benchmarks -> bench/results/*.json"
+	@echo "make bench       operator, runtime and real-node start benchmarks -> bench/results/*.json"
 	@echo "make setup       create .venv and build the cached control-plane and node binaries"
 	@echo "make images      build images/operator and images/mlserver-cpu with buildah, push to the local registry"
 	@echo "make cluster-up / cluster-down   start or stop the local control plane"
@@ -81,6 +81,7 @@ demo-down:
 bench: setup
 	$(BIN)/python bench/operator_bench.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/realnode_start.py
 
 clean: cluster-down
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
