@@ -188,7 +188,7 @@ class Reconciler:
             return False
         available, replicas, ready = self.serving_condition(deployment)
         key = ObjectKey(API_VERSION, KIND, meta["namespace"], meta["name"])
-        delivery = self.note_start(key, owners[0], written, available, deployment, written.get("delivery", {}))
+        delivery = self.note_start(key, owners[0], available, deployment, written.get("delivery", {}))
         kept = [
             Condition(c["type"], c["status"], c["reason"], c["message"])
             for c in written.get("conditions", [])
@@ -220,13 +220,14 @@ class Reconciler:
         unavailable = Condition("Available", "False", problem.reason, f"pod {problem.pod}: {problem.message}")
         return unavailable, replicas, ready
 
-    def note_start(self, key: ObjectKey, uid: str, previous: Mapping[str, Any], available: Condition,
-                   deployment: Mapping[str, Any] | None, delivery: Mapping[str, Any]) -> dict[str, Any]:
-        """When a rollout has just become available: how long its newest pod took to be Ready, as a Normal
-        Event and in status.delivery.lastStartSeconds. One pod list per completed rollout, no more."""
-        was = {c.get("type"): c for c in previous.get("conditions", [])}.get("Available", {})
+    def note_start(self, key: ObjectKey, uid: str, available: Condition, deployment: Mapping[str, Any] | None,
+                   delivery: Mapping[str, Any]) -> dict[str, Any]:
+        """When a rollout has completed: how long its newest pod took to be Ready, as a Normal Event and in
+        status.delivery.lastStartSeconds. One pod list per Deployment generation that became available (an
+        alias rollout keeps Available True throughout, so a flip of Available would miss it)."""
+        generation = (deployment or {}).get("metadata", {}).get("generation")
         if (deployment is None or available.status != "True" or available.reason == "ScaledToZero"
-                or was.get("status") == "True"):
+                or delivery.get("rolloutGeneration") == generation):
             return dict(delivery)
         selector = deployment.get("spec", {}).get("selector", {}).get("matchLabels", {})
         pod = newest_ready_pod(self.api.list_pods(key.namespace, selector))
@@ -239,7 +240,7 @@ class Reconciler:
         emit_event(self.api, key, uid=uid, event_type="Normal", reason="PodReady", now=self.clock(),
                    message=f"pod {pod['metadata'].get('name')} was Ready {phases['ready']:.0f}s after it was "
                            f"created ({steps}); model delivery: {mode}")
-        return {**delivery, "lastStartSeconds": phases["ready"]}
+        return {**delivery, "lastStartSeconds": phases["ready"], "rolloutGeneration": generation}
 
     def record_status(self, key: ObjectKey, uid: str, current: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Write `status` where it differs from `current`, and remember it either way: when nothing
@@ -286,9 +287,8 @@ class Reconciler:
 def keep_start(delivery: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
     """The last measured start stays in the status while the pods get their model the same way."""
     same = all(delivery.get(k) == previous.get(k) for k in ("mode", "image"))
-    if same and "lastStartSeconds" in previous:
-        return {**delivery, "lastStartSeconds": previous["lastStartSeconds"]}
-    return dict(delivery)
+    kept = {k: previous[k] for k in ("lastStartSeconds", "rolloutGeneration") if k in previous} if same else {}
+    return {**delivery, **kept}
 
 
 def _reconciled_cleanly(status: Mapping[str, Any]) -> bool:
@@ -444,7 +444,7 @@ class _Pass:
 
         available, replicas, ready = self.r.serving_condition(deployment)
         conditions.append(available)
-        delivery = self.r.note_start(self.key, self.owner.uid, self.current_status, available, deployment,
+        delivery = self.r.note_start(self.key, self.owner.uid, available, deployment,
                                      keep_start(delivery, self.current_status.get("delivery") or {}))
         self.write_status(
             ObservedState(

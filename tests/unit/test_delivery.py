@@ -287,3 +287,8 @@ def test_a_completed_rollout_reports_its_pod_start_once(reconciler: Reconciler, 
     reconciler.handle((NS, "phi3"), DeploymentChanged(api.objects[DEPLOYMENT_PATH]))
     assert len([e for e in api.events if e["reason"] == "PodReady"]) == 1, "once per rollout"
     assert len(api.writes) == writes, "a no-op pass writes nothing"
+    # A rollout that never drops availability (maxUnavailable 0, as alias moves do) is reported too.
+    api.objects[DEPLOYMENT_PATH]["metadata"]["generation"] += 1
+    api.roll_out()
+    reconciler.handle((NS, "phi3"), DeploymentChanged(api.objects[DEPLOYMENT_PATH]))
+    assert len([e for e in api.events if e["reason"] == "PodReady"]) == 2
