@@ -94,8 +94,12 @@ def test_cpu_model_gets_deployment_service_and_ready_status(
         assert cond["reason"][0].isupper() and " " not in cond["reason"]
     by_type = {c["type"]: c["status"] for c in status["conditions"]}
     # kstatus's pair: a served model is neither Reconciling nor Stalled (kstatus: Current).
-    assert by_type == {"ModelResolved": "True", "ImageReady": "True", "Available": "True", "Ready": "True",
-                       "Reconciling": "False", "Stalled": "False"}
+    assert by_type == {"ModelResolved": "True", "ImageReady": "True", "ModelDelivered": "True", "Available": "True",
+                       "Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    # No model registry in this operator's config: every pod downloads the model (Auto -> Download).
+    assert status["delivery"]["mode"] == "Download"
+    delivered = next(c for c in status["conditions"] if c["type"] == "ModelDelivered")
+    assert delivered["reason"] == "PerPodDownload" and "no model registry" in delivered["message"]
 
     table = cluster.kubectl("get", "phi3", "phi3-mini", "-n", namespace).stdout
     assert table.split("\n")[0].split() == ["NAME", "TARGET", "MODEL", "VERSION", "PHASE", "READY", "AGE"]
