@@ -406,6 +406,8 @@ class _Pass:
                 Condition("ModelResolved", "False", error.reason, f"{message}; still serving {model.uri}")
             )
 
+        # Announced when first resolved: a build or a publish may hold the rollout for a while after.
+        self.announce_version(model)
         try:
             decision = select_image(spec, model, self.r.settings)
         except NoCompatibleImage as error:
@@ -440,7 +442,6 @@ class _Pass:
             model_size_bytes=int(delivery.get("sizeBytes", 0)),
         )
         deployment = self.apply_children(ctx)
-        self.announce_version(model)
 
         available, replicas, ready = self.r.serving_condition(deployment)
         conditions.append(available)

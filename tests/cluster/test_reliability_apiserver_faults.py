@@ -24,6 +24,7 @@ shared kwok-cpu-0 is often full of other sessions' pods, which says nothing abou
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -373,8 +374,17 @@ class Toxiproxy:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
                                          data=json.dumps(body).encode() if body is not None else None,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
+        # Toxiproxy's admin API drops a keep-alive connection now and then while it swaps toxics on a busy
+        # proxy: a dropped request is sent again (a refused one still fails the test).
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
         return json.loads(raw) if raw.strip() else True
 
     def version(self) -> str:

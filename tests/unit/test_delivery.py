@@ -256,6 +256,19 @@ def test_explicit_image_volume_does_not_fall_back(reconciler: Reconciler, api: F
     assert condition(api, "ModelDelivered")["reason"] == "PublishFailed" and status(api)["phase"] == "Failed"
 
 
+def test_an_alias_move_held_by_publishing_is_announced_once(reconciler: Reconciler, api: FakeApiServer) -> None:
+    create_model(api)
+    reconcile(reconciler, api)
+    finish_job(api, "Complete", 0, json.dumps({"image": PINNED, "sizeBytes": 1, "reused": False}))
+    reconcile(reconciler, api)
+    reconciler.resolver.lookup.version = 2  # type: ignore[attr-defined]
+    reconciler.resolver.clock.now += REFRESH_S  # type: ignore[attr-defined]
+    assert reconcile(reconciler, api) == BUILD_POLL_S, "the new version is being published"
+    assert reconcile(reconciler, api) == BUILD_POLL_S
+    changed = [e["message"] for e in api.events if e["reason"] == "ModelVersionChanged"]
+    assert changed == ["rolling from models:/phi3/1 to models:/phi3/2"]
+
+
 def test_a_rollout_keeps_the_delivery_in_the_status(reconciler: Reconciler, api: FakeApiServer) -> None:
     create_model(api)
     reconcile(reconciler, api)
