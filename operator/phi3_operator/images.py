@@ -54,6 +54,13 @@ def missing_packages(
     return tuple(sorted(name for name in requirement_names(requirements) if not satisfied(name)))
 
 
+def requirements_named(requirements: Iterable[str], names: Iterable[str]) -> tuple[str, ...]:
+    """The requirement lines (with their versions) of these packages: what a build installs. Those the
+    base image carries stay out: pip would otherwise look for the logging machine's exact pins of them."""
+    wanted = set(names)
+    return tuple(line for line in requirements if (found := requirement_names([line])) and found[0] in wanted)
+
+
 def catalog_entry(catalog: Iterable[CatalogImage], flavor: str, target: str) -> CatalogImage | None:
     entries = list(catalog)
     for entry in entries:

@@ -17,7 +17,7 @@ from phi3_operator.builders import BuildContext, Owner, build_children
 from phi3_operator.builders.build import BuildRequest, build_context_configmap, build_job, job_outcome
 from phi3_operator.builders.common import API_VERSION, KIND
 from phi3_operator.builders.delivery import PublishRequest, choose_delivery, publish_job, publish_outcome
-from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, select_image
+from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, requirements_named, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
 from phi3_operator.podhealth import newest_ready_pod, pod_problem, rollout_stuck, start_phases
@@ -484,13 +484,21 @@ class _Pass:
         if not spec.image.registry:
             message = f"the model needs {needs}, which means a build, but spec.image.registry is empty"
             return None, Condition("ImageReady", "False", "RegistryRequired", message), None
+        settings = self.r.settings
         request = BuildRequest(
             base_image=decision.base_image,
-            requirements=model.requirements,
+            requirements=requirements_named(model.requirements, decision.missing),
             registry=spec.image.registry,
             namespace=self.owner.namespace,
-            builder_image=self.r.settings.builder_image,
+            builder_image=settings.builder_image,
             push_secret=spec.image.push_secret,
+            build_args=settings.build_args,
+            plain_http_registries=tuple(
+                image.split("/", maxsplit=1)[0] for image in (decision.base_image, spec.image.registry)
+                if settings.plain_http(image)
+            ),
+            node_selector=spec.hardware.node_selector,
+            tolerations=spec.hardware.tolerations,
         )
         previous = {c.get("type"): c for c in self.current_status.get("conditions", [])}.get("ImageReady", {})
         if self.current_status.get("image") == request.image and previous.get("reason") == "Built":

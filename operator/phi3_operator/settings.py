@@ -12,6 +12,9 @@ import yaml
 
 FIELD_MANAGER = "phi3-operator"
 DEFAULT_RUNTIME_VERSION = "0.1.0"
+# The build arguments the generated build Dockerfile declares (a private or cluster-local package index,
+# its CA bundle); config.buildArgs may set these and no others.
+BUILD_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class OperatorSettings:
     default_tracking_uri: str = "http://mlflow.mlflow.svc:5000"
     resync_interval_s: float = 60.0
     model_refresh_interval_s: float = 60.0
-    builder_image: str = "moby/buildkit:v0.17.2-rootless"
+    builder_image: str = "moby/buildkit:v0.34.2-rootless"
+    build_args: tuple[tuple[str, str], ...] = ()
     image_catalog: tuple[CatalogImage, ...] = field(default_factory=default_catalog)
     field_manager: str = FIELD_MANAGER
     max_workers: int = 16
@@ -81,6 +85,7 @@ class OperatorSettings:
                 )
             ),
             builder_image=raw.get("builderImage", defaults.builder_image),
+            build_args=parse_build_args(raw.get("buildArgs") or {}),
             image_catalog=catalog,
             max_workers=int(raw.get("maxWorkers", defaults.max_workers)),
             model_registry=str(env.get("PHI3_MODEL_REGISTRY", raw.get("modelRegistry") or defaults.model_registry)),
@@ -89,6 +94,16 @@ class OperatorSettings:
 
     def plain_http(self, image_or_registry: str) -> bool:
         return image_or_registry.split("/", maxsplit=1)[0] in self.plain_http_registries
+
+
+def parse_build_args(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, Mapping):
+        raise ValueError("config.buildArgs must be a mapping of build argument to value")
+    unknown = sorted(str(name) for name in raw if name not in BUILD_ARGS)
+    if unknown:
+        raise ValueError(f"config.buildArgs: {', '.join(unknown)} is not one of the build arguments the "
+                         f"generated Dockerfile declares ({', '.join(BUILD_ARGS)})")
+    return tuple((str(name), str(value)) for name, value in sorted(raw.items()) if value not in (None, ""))
 
 
 def normalise_package(name: str) -> str:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--name", required=True, help="registered model name")
         sub.add_argument("--alias", help="alias to point at the new version, e.g. champion")
         sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+        sub.add_argument("--requirement", action="append", default=[], metavar="REQ", dest="requirements",
+                         help="a pip requirement the model needs beyond the runtime's (repeatable); the operator "
+                              "builds an image with it when the catalog image lacks it")
 
     serve = commands.add_parser("serve", help="serve a model with MLServer (what the runtime container runs)")
     serve.add_argument("--model-uri", required=True, help="a local MLflow model folder or any MLflow model URI")
@@ -96,7 +99,8 @@ def _package(args: argparse.Namespace) -> int:
 
     package = package_onnx if args.flavor == "onnx" else package_transformers
     try:
-        packaged = package(args.model_dir, name=args.name, alias=args.alias, tracking_uri=args.tracking_uri)
+        packaged = package(args.model_dir, name=args.name, alias=args.alias, tracking_uri=args.tracking_uri,
+                           extra_requirements=args.requirements)
     except PackagingError as error:
         print(f"phi3-operator package: {error}", file=sys.stderr)
         return EXIT_USAGE

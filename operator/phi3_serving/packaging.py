@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -154,8 +155,10 @@ def _onnx_model_arguments(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
+def package_onnx(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None,
+                 extra_requirements: Sequence[str] = ()) -> PackagedModel:
     arguments = _onnx_model_arguments(Path(model_dir).resolve())
+    arguments["pip_requirements"] = [*arguments["pip_requirements"], *extra_requirements]
     _configure_mlflow(tracking_uri)
     import mlflow
 
@@ -176,7 +179,8 @@ def save_onnx_model(model_dir: Path, dest: Path) -> Path:
     return Path(dest)
 
 
-def package_transformers(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None) -> PackagedModel:
+def package_transformers(model_dir: Path, *, name: str, alias: str | None, tracking_uri: str | None,
+                         extra_requirements: Sequence[str] = ()) -> PackagedModel:
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise PackagingError(f"{model_dir} is not a Hugging Face model folder: it has no config.json")
@@ -199,7 +203,7 @@ def package_transformers(model_dir: Path, *, name: str, alias: str | None, track
             transformers_model=pipeline,
             name=ARTIFACT_PATH,
             task=TASK,
-            pip_requirements=transformers_requirements(),
+            pip_requirements=[*transformers_requirements(), *extra_requirements],
             metadata={"phi3_flavor": "transformers"},
             registered_model_name=name,
         )

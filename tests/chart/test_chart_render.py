@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phi3_operator.settings import OperatorSettings
+from phi3_operator.settings import BUILD_ARGS, OperatorSettings
 from tests.chart.helpers import CHART_DIR, Helm
 from tests.support.cluster import REPO_ROOT
 
@@ -203,11 +203,13 @@ def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["config"]
     docs = helm.template("--set", "config.maxWorkers=4", "--set", "config.resyncIntervalSeconds=30",
                          "--set", "config.modelRegistry=registry.local:5000/ml",
-                         "--set", "config.plainHttpRegistries[0]=registry.local:5000")
+                         "--set", "config.plainHttpRegistries[0]=registry.local:5000",
+                         "--set", "config.buildArgs.PIP_INDEX_URL=http://pypi.local/simple")
     raw = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
-    assert set(raw) == {"defaultTrackingUri", "resyncIntervalSeconds", "modelRefreshIntervalSeconds",
-                        "builderImage", "maxWorkers", "imageCatalog", "modelRegistry", "plainHttpRegistries"}
+    assert set(raw) == {"defaultTrackingUri", "resyncIntervalSeconds", "modelRefreshIntervalSeconds", "builderImage",
+                        "buildArgs", "maxWorkers", "imageCatalog", "modelRegistry", "plainHttpRegistries"}
     settings = OperatorSettings.from_mapping(raw, env={})
+    assert settings.build_args == (("PIP_INDEX_URL", "http://pypi.local/simple"),)
     assert settings.default_tracking_uri == values["defaultTrackingUri"]
     assert settings.resync_interval_s == 30.0
     assert settings.model_refresh_interval_s == float(values["modelRefreshIntervalSeconds"])
@@ -224,6 +226,15 @@ def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
         packages = [line for line in listed if line and not line.startswith("#")]
         assert set(entry.packages) == {p.split("==")[0] for p in packages}
         assert "phi3-operator" in entry.packages
+
+
+def test_build_args_schema_names_what_the_dockerfile_declares(helm: Helm) -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    build_args = schema["properties"]["config"]["properties"]["buildArgs"]
+    assert tuple(build_args["properties"]) == BUILD_ARGS
+    refused = helm.run("template", "phi3", str(CHART_DIR), "--set", "config.buildArgs.HTTP_PROXY=http://proxy",
+                       check=False)
+    assert refused.returncode != 0 and "HTTP_PROXY" in refused.stderr
 
 
 def test_config_change_rolls_the_operator(helm: Helm) -> None:

@@ -89,8 +89,9 @@ class RealPath:
         return model_manifest(name, uri, self.mlflow.tracking_uri, image={"override": self.images["mlserver-cpu"]},
                               **spec)
 
-    def package(self, name: str, alias: str = "champion") -> str:
-        uri = package("onnx", self.onnx_dir, name=name, tracking_uri=self.mlflow.tracking_uri, alias=alias)
+    def package(self, name: str, alias: str = "champion", requirements: tuple[str, ...] = ()) -> str:
+        uri = package("onnx", self.onnx_dir, name=name, tracking_uri=self.mlflow.tracking_uri, alias=alias,
+                      requirements=requirements)
         self.registered.append(uri)
         return uri
 

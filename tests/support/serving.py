@@ -9,7 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,11 +58,14 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 3
     )
 
 
-def package(flavor: str, model_dir: Path, *, name: str, tracking_uri: str, alias: str | None = None) -> str:
+def package(flavor: str, model_dir: Path, *, name: str, tracking_uri: str, alias: str | None = None,
+            requirements: Sequence[str] = ()) -> str:
     """`phi3-operator package FLAVOR DIR`; returns the `models:/N/V` URI from the last stdout line."""
     args = ["package", flavor, str(model_dir), "--name", name, "--tracking-uri", tracking_uri]
     if alias:
         args += ["--alias", alias]
+    for requirement in requirements:
+        args += ["--requirement", requirement]
     result = run_cli(*args)
     if result.returncode != 0:
         raise AssertionError(f"package {flavor} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

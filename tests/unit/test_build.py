@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from phi3_operator.builders.build import (
     BuildRequest,
     build_context_configmap,
@@ -11,13 +13,14 @@ from phi3_operator.builders.build import (
     label_value,
     render_dockerfile,
 )
+from phi3_operator.settings import BUILD_ARGS, OperatorSettings
 
 REQUEST = BuildRequest(
     base_image="ghcr.io/phi3-operator/mlserver-cpu:0.1.0",
     requirements=("scikit-learn==1.5.2", "mlflow==3.17.2"),
     registry="registry.example:5000/ml",
     namespace="llm",
-    builder_image="moby/buildkit:v0.17.2-rootless",
+    builder_image="moby/buildkit:v0.34.2-rootless",
     push_secret="push",
 )
 
@@ -75,3 +78,56 @@ def test_job_outcome() -> None:
 def test_label_value() -> None:
     assert label_value("unreachable.invalid") == "unreachable.invalid"
     assert len(label_value("x" * 100)) == 63
+
+
+def test_build_args_plain_http_registries_and_placement() -> None:
+    request = BuildRequest(**{
+        **REQUEST.__dict__,
+        "base_image": "10.88.0.1:5000/phi3/mlserver-cpu@sha256:abc",
+        "registry": "10.88.0.1:5000/built",
+        "build_args": (("PIP_INDEX_URL", "http://10.88.0.1:8099/simple"), ("PIP_TRUSTED_HOST", "10.88.0.1:8099")),
+        "plain_http_registries": ("10.88.0.1:5000", "10.88.0.1:5000"),
+        "node_selector": {"phi3.ai/node": "real"},
+        "tolerations": ({"key": "phi3.ai/node", "operator": "Exists", "effect": "NoSchedule"},),
+    })
+    dockerfile = render_dockerfile(request)
+    for name in BUILD_ARGS:
+        assert f"ARG {name}\n" in dockerfile
+    context = build_context_configmap(request)
+    assert context["data"]["buildkitd.toml"] == '[registry."10.88.0.1:5000"]\n  http = true\n'
+    job = build_job(request)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("build-arg:PIP_INDEX_URL=http://10.88.0.1:8099/simple") - 1] == "--opt"
+    assert "build-arg:PIP_TRUSTED_HOST=10.88.0.1:8099" in args
+    flags = next(e["value"] for e in container["env"] if e["name"] == "BUILDKITD_FLAGS")
+    assert flags == "--oci-worker-no-process-sandbox --config=/etc/phi3-build/buildkitd.toml"
+    assert {"name": "buildkitd-config", "mountPath": "/etc/phi3-build", "readOnly": True} in container["volumeMounts"]
+    # The build context is the Dockerfile and requirements only, never the daemon's config.
+    context_volume = next(v for v in pod["volumes"] if v["name"] == "context")
+    assert [i["key"] for i in context_volume["configMap"]["items"]] == ["Dockerfile", "requirements.txt"]
+    assert pod["nodeSelector"] == {"phi3.ai/node": "real"} and pod["tolerations"][0]["key"] == "phi3.ai/node"
+
+
+def test_https_registries_need_no_daemon_config() -> None:
+    assert "buildkitd.toml" not in build_context_configmap(REQUEST)["data"]
+    container = build_job(REQUEST)["spec"]["template"]["spec"]["containers"][0]
+    assert next(e["value"] for e in container["env"] if e["name"] == "BUILDKITD_FLAGS") == \
+        "--oci-worker-no-process-sandbox"
+    assert not any(a.startswith("build-arg:") for a in container["args"])
+
+
+def test_only_the_build_pod_may_map_users_and_it_keeps_no_other_capability() -> None:
+    security = build_job(REQUEST)["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SETUID", "SETGID"]}
+    assert security["allowPrivilegeEscalation"] is True
+    assert security["seccompProfile"] == {"type": "Unconfined"}
+
+
+def test_build_args_config_is_checked_against_the_dockerfile() -> None:
+    settings = OperatorSettings.from_mapping(
+        {"buildArgs": {"PIP_INDEX_URL": "http://index/simple", "PIP_CERT": ""}}, env={})
+    assert settings.build_args == (("PIP_INDEX_URL", "http://index/simple"),)
+    with pytest.raises(ValueError, match="HTTP_PROXY is not one of the build arguments"):
+        OperatorSettings.from_mapping({"buildArgs": {"HTTP_PROXY": "http://proxy"}}, env={})

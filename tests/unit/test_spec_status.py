@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from phi3_operator.images import NoCompatibleImage, missing_packages, onnx_variant, select_image
+from phi3_operator.images import (
+    NoCompatibleImage,
+    missing_packages,
+    onnx_variant,
+    requirements_named,
+    select_image,
+)
 from phi3_operator.k8s import is_subset
 from phi3_operator.resolve import ResolvedModel, describe_mlmodel
 from phi3_operator.settings import OperatorSettings, parse_catalog_entry
@@ -133,6 +139,13 @@ def test_image_selection() -> None:
         select_image(prebuilt, needs, settings)
     override = parse_spec({**BASE, "image": {"override": "mine:1"}})
     assert select_image(override, needs, settings).image == "mine:1"
+
+
+def test_a_build_installs_only_what_the_base_lacks_with_its_pin() -> None:
+    requirements = ("mlflow==3.99.0", "scikit-learn==1.5.2", "Phi3_Build.Probe>=1", "# a comment", "")
+    missing = missing_packages(requirements, {"mlflow": "3.17.2"})
+    assert missing == ("phi3-build-probe", "scikit-learn")
+    assert requirements_named(requirements, missing) == ("scikit-learn==1.5.2", "Phi3_Build.Probe>=1")
 
 
 def test_cuda_images_satisfy_cpu_builds_of_onnxruntime() -> None:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from phi3_operator.builders.common import MANAGED_BY, MODEL_DIR, Manifest
+from phi3_operator.settings import BUILD_ARGS
 
 BUILD_IMAGE_NAME = "phi3-model-runtime"
 WORKSPACE = "/workspace"
 REGISTRY_LABEL = "phi3.ai/registry"
 BUILD_LABEL = "phi3.ai/build"
+BUILDKITD_CONFIG_DIR = "/etc/phi3-build"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class BuildRequest:
     push_secret: str = ""
     bake_model_uri: str = ""  # a resolved, immutable URI; empty: the init container fetches it
     tracking_uri: str = ""
+    build_args: tuple[tuple[str, str], ...] = ()  # (name in BUILD_ARGS, value)
+    # Registries (host:port) among the base image's and the push target's that speak plain HTTP.
+    plain_http_registries: tuple[str, ...] = ()
+    # The first model that needs this image places its build; models that share it share the Job.
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def tag(self) -> str:
@@ -66,9 +74,7 @@ def render_dockerfile(request: BuildRequest) -> str:
         f"FROM {request.base_image}",
         "USER root",
         "# A private package index or a proxy's CA can be passed as build args; unset ones stay unset.",
-        "ARG PIP_INDEX_URL",
-        "ARG PIP_EXTRA_INDEX_URL",
-        "ARG PIP_CERT",
+        *(f"ARG {name}" for name in BUILD_ARGS),
         "COPY requirements.txt /tmp/phi3-requirements.txt",
         "RUN python -m pip install --no-cache-dir -r /tmp/phi3-requirements.txt && rm /tmp/phi3-requirements.txt",
     ]
@@ -98,22 +104,31 @@ def build_labels(request: BuildRequest) -> dict[str, str]:
     }
 
 
+def render_buildkitd_config(plain_http_registries: Sequence[str]) -> str:
+    """buildkitd.toml: pull from and push to these registries over plain HTTP (every other is HTTPS)."""
+    return "".join(f'[registry."{host}"]\n  http = true\n' for host in sorted(set(plain_http_registries)))
+
+
 def build_context_configmap(request: BuildRequest) -> Manifest:
+    data = {
+        "Dockerfile": render_dockerfile(request),
+        "requirements.txt": render_requirements(request.requirements),
+    }
+    if request.plain_http_registries:
+        data["buildkitd.toml"] = render_buildkitd_config(request.plain_http_registries)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": request.name, "namespace": request.namespace, "labels": build_labels(request)},
-        "data": {
-            "Dockerfile": render_dockerfile(request),
-            "requirements.txt": render_requirements(request.requirements),
-        },
+        "data": data,
     }
 
 
 def build_job(request: BuildRequest) -> Manifest:
     """BuildKit, rootless and daemonless: builds the context from the ConfigMap and pushes the image."""
+    context_items = [{"key": key, "path": key} for key in ("Dockerfile", "requirements.txt")]
     volumes: list[dict[str, Any]] = [
-        {"name": "context", "configMap": {"name": request.name}},
+        {"name": "context", "configMap": {"name": request.name, "items": context_items}},
         {"name": "buildkit", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
@@ -122,13 +137,55 @@ def build_job(request: BuildRequest) -> Manifest:
         {"name": "buildkit", "mountPath": "/home/user/.local/share/buildkit"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    env = [{"name": "BUILDKITD_FLAGS", "value": "--oci-worker-no-process-sandbox"},
+    daemon_flags = "--oci-worker-no-process-sandbox"
+    if request.plain_http_registries:
+        config_items = [{"key": "buildkitd.toml", "path": "buildkitd.toml"}]
+        volumes.append({"name": "buildkitd-config", "configMap": {"name": request.name, "items": config_items}})
+        mounts.append({"name": "buildkitd-config", "mountPath": BUILDKITD_CONFIG_DIR, "readOnly": True})
+        daemon_flags += f" --config={BUILDKITD_CONFIG_DIR}/buildkitd.toml"
+    env = [{"name": "BUILDKITD_FLAGS", "value": daemon_flags},
            {"name": "DOCKER_CONFIG", "value": "/home/user/.docker"}]
     if request.push_secret:
         items = [{"key": ".dockerconfigjson", "path": "config.json"}]
         volumes.append({"name": "push-secret", "secret": {"secretName": request.push_secret, "items": items}})
         mounts.append({"name": "push-secret", "mountPath": "/home/user/.docker", "readOnly": True})
+    build_args = [arg for name, value in request.build_args for arg in ("--opt", f"build-arg:{name}={value}")]
     labels = build_labels(request)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+        "containers": [{
+            "name": "buildkit",
+            "image": request.builder_image,
+            "command": ["buildctl-daemonless.sh"],
+            "args": [
+                "build", "--frontend", "dockerfile.v0",
+                "--local", f"context={WORKSPACE}", "--local", f"dockerfile={WORKSPACE}",
+                *build_args,
+                "--output", f"type=image,name={request.image},push=true",
+            ],
+            "env": env,
+            # Rootless BuildKit maps the image's users into a user namespace of its own with the setuid
+            # newuidmap/newgidmap: they need privilege escalation and CAP_SETUID/CAP_SETGID in the bounding
+            # set ("newuidmap: Could not set caps" without), and the runtime's default seccomp and AppArmor
+            # profiles forbid creating the namespace. The process itself runs as UID 1000 with no
+            # effective capabilities; only this build pod is so configured, never a serving pod.
+            "securityContext": {
+                "allowPrivilegeEscalation": True,
+                "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID"]},
+                "seccompProfile": {"type": "Unconfined"},
+                "appArmorProfile": {"type": "Unconfined"},
+            },
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+            "volumeMounts": mounts,
+        }],
+        "volumes": volumes,
+    }
+    if request.node_selector:
+        pod_spec["nodeSelector"] = dict(request.node_selector)
+    if request.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in request.tolerations]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -137,37 +194,7 @@ def build_job(request: BuildRequest) -> Manifest:
         "spec": {
             "backoffLimit": 1,
             "activeDeadlineSeconds": 3600,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                                        "fsGroup": 1000},
-                    "containers": [{
-                        "name": "buildkit",
-                        "image": request.builder_image,
-                        "command": ["buildctl-daemonless.sh"],
-                        "args": [
-                            "build", "--frontend", "dockerfile.v0",
-                            "--local", f"context={WORKSPACE}", "--local", f"dockerfile={WORKSPACE}",
-                            "--output", f"type=image,name={request.image},push=true",
-                        ],
-                        "env": env,
-                        # Rootless BuildKit creates user namespaces: the runtime's default seccomp and
-                        # AppArmor profiles forbid that, so only this build pod runs unconfined.
-                        "securityContext": {
-                            "allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "Unconfined"},
-                            "appArmorProfile": {"type": "Unconfined"},
-                        },
-                        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
-                        "volumeMounts": mounts,
-                    }],
-                    "volumes": volumes,
-                },
-            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
 
