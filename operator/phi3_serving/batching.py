@@ -14,8 +14,10 @@ What the engine can and cannot do decides the design (onnxruntime-genai 0.18, ve
 - Per-turn seeds and stop strings need dynamic batching. Stop strings are cut here, by the reader
   (which then cancels the turn); a seeded request takes the per-request `og.Generator` path, whose
   sampling is reproducible.
-- A lone request can be faster on the per-request path. Whether it is, is measured when the model
-  loads, and a request that finds the engine idle (and nobody about to come back) then runs on a
+- A lone request can be faster on the per-request path. Whether it is, is measured while the engine
+  is idle after the model loads (a few short generations, a round at a time, so that neither the
+  pod's readiness nor a request waits for all of them; until then lone requests use the engine),
+  and a request that finds the engine idle (and nobody about to come back) then runs on a
   Generator in its reader's own thread, with no hand-off per token. Seeded requests that arrive
   while the engine is busy run on Generators that the scheduler thread steps between engine steps.
 - A reader that stops reading (the client went away, a stop string matched) cancels its turn; the
@@ -25,6 +27,7 @@ What the engine can and cannot do decides the design (onnxruntime-genai 0.18, ve
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import statistics
 import threading
@@ -42,7 +45,7 @@ from phi3_serving.variants import OnnxVariant
 
 ENV_MAX_BATCH_SIZE = "PHI3_MAX_BATCH_SIZE"
 ENV_BATCH_WINDOW_MS = "PHI3_BATCH_WINDOW_MS"
-# "auto" measures at load whether a lone request is faster on a Generator; "generator" and
+# "auto" measures after load whether a lone request is faster on a Generator; "generator" and
 # "engine" force the choice (the benchmark and tests use them to compare the paths).
 ENV_SOLO_PATH = "PHI3_SOLO_PATH"
 SOLO_PATHS = ("auto", "generator", "engine")
@@ -52,6 +55,11 @@ MAX_OPEN_STREAMS = 256
 # The per-request path must beat the engine by this much to be chosen; less is noise.
 _SOLO_MARGIN = 1.05
 _CALIBRATION_TOKENS = 16
+_CALIBRATION_ROUNDS = 3
+# The generation that proves at load that the model answers (and warms its kernels).
+_WARM_UP_TOKENS = 4
+
+logger = logging.getLogger(__name__)
 
 _FINISH_REASONS = {
     "EOS": "stop",
@@ -158,9 +166,13 @@ class OnnxBatchEngine(OnnxEngineBase):
         self._solo_path = options.solo_path
         self.solo_speedup: float | None = None
         self.solo_enabled = options.solo_path == "generator"
+        # "auto": rounds of Generator/engine ratios still to measure while idle (the first warms up).
+        self._calibration_ratios: list[float] = []
+        self._calibration_warm = False
+        self._calibrating = options.solo_path == "auto"
         self.max_batch_size = 0
-        # og.Engine answers only the thread that created it: the scheduler thread creates it,
-        # measures the lone-request paths, and then serves.
+        # og.Engine answers only the thread that created it: the scheduler thread creates it, has it
+        # answer once, and then serves (measuring the lone-request paths while idle).
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="phi3-engine-scheduler", daemon=True)
@@ -174,9 +186,7 @@ class OnnxBatchEngine(OnnxEngineBase):
             self._engine = self._og.Engine(self._model)
             self.max_batch_size = int(self._engine.get_capabilities().configured_max_batch_size)
             self._events = self._engine.create_event_buffer(max(64, 4 * self.max_batch_size))
-            if self._solo_path == "auto":
-                self.solo_speedup = self._measure_solo_speedup()
-                self.solo_enabled = self.solo_speedup >= _SOLO_MARGIN
+            self._tokens_per_s_on_engine(self._calibration_prompt(), _WARM_UP_TOKENS)
         except BaseException as error:
             self._startup_error = error
             return
@@ -186,7 +196,10 @@ class OnnxBatchEngine(OnnxEngineBase):
 
     def describe(self) -> str:
         """One log line: how requests are batched, and which path a lone request takes and why."""
-        speedup = "forced" if self.solo_speedup is None else f"measured Generator/engine {self.solo_speedup:.2f}x"
+        if self.solo_speedup is not None:
+            speedup = f"measured Generator/engine {self.solo_speedup:.2f}x"
+        else:
+            speedup = "being measured while idle" if self._calibrating else "forced"
         return (
             f"og.Engine ({'dynamic' if self.dynamic else 'static'} batching, max batch {self.max_batch_size}); "
             f"lone requests on {'a Generator' if self.solo_enabled else 'the engine'} ({speedup})"
@@ -305,14 +318,20 @@ class OnnxBatchEngine(OnnxEngineBase):
         while True:
             with self._lock:
                 while not (self._arrivals or self._cancels or self._in_engine or self._solo or self._closed):
+                    if self._calibrating and not self._inline:
+                        break
                     if self.metrics is not None:
                         self.metrics.idle()
                     self._lock.wait()
                 if self._closed:
                     break
+                calibrate = not (self._arrivals or self._cancels or self._in_engine or self._solo)
                 cancels = list(self._cancels)
                 self._cancels.clear()
-                admitted = self._admit_locked()
+                admitted = [] if calibrate else self._admit_locked()
+            if calibrate:
+                self._calibrate_one_round()
+                continue
             self._retired = 0
             for turn in cancels:
                 self._cancel_now(turn)
@@ -485,42 +504,63 @@ class OnnxBatchEngine(OnnxEngineBase):
 
     # -- load-time measurement -------------------------------------------------------------------
 
-    def _measure_solo_speedup(self) -> float:
-        """Tokens/s of one request on a Generator over one request on the engine (median of 3 rounds)."""
+    def _calibration_prompt(self) -> Any:
         import numpy as np
 
-        prompt = np.asarray(self._tokenizer.encode("Once upon a time"), dtype=np.int32)
-        og = self._og
+        return np.asarray(self._tokenizer.encode("Once upon a time"), dtype=np.int32)
 
-        def on_generator() -> float:
-            params = og.GeneratorParams(self._model)
-            params.set_search_options(max_length=len(prompt) + _CALIBRATION_TOKENS, do_sample=False)
-            generator = og.Generator(self._model, params)
-            started = time.perf_counter()
-            generator.append_tokens(prompt)
-            produced = 0
-            while not generator.is_done():
-                generator.generate_next_token()
-                produced += 1
-            return produced / (time.perf_counter() - started)
+    def _tokens_per_s_on_generator(self, prompt: Any, tokens: int = _CALIBRATION_TOKENS) -> float:
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=len(prompt) + tokens, do_sample=False)
+        generator = self._og.Generator(self._model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt)
+        produced = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            produced += 1
+        return produced / (time.perf_counter() - started)
 
-        def on_engine() -> float:
-            request = self._engine.create_request()
-            options = og.TurnOptions(request)
-            options.set_max_generated_tokens(_CALIBRATION_TOKENS)
-            options.set_do_sample(False)
-            started = time.perf_counter()
-            request.begin_turn(prompt, options)
-            produced = 0
-            while self._engine.has_pending_requests():
-                for event in self._engine.run(self._events):
-                    produced += int(event.flags) & self._token_flag
-            request.close()
-            return produced / (time.perf_counter() - started)
+    def _tokens_per_s_on_engine(self, prompt: Any, tokens: int = _CALIBRATION_TOKENS) -> float:
+        request = self._engine.create_request()
+        options = self._og.TurnOptions(request)
+        options.set_max_generated_tokens(tokens)
+        options.set_do_sample(False)
+        started = time.perf_counter()
+        request.begin_turn(prompt, options)
+        produced = 0
+        while self._engine.has_pending_requests():
+            for event in self._engine.run(self._events):
+                produced += int(event.flags) & self._token_flag
+        request.close()
+        return produced / (time.perf_counter() - started)
 
-        on_generator(), on_engine()  # warm-up
-        ratios = [on_generator() / on_engine() for _ in range(3)]
-        return statistics.median(ratios)
+    def _calibrate_one_round(self) -> None:
+        """One round of the lone-request measurement (tokens/s on a Generator over tokens/s on the
+        engine; the median of the rounds decides), run by the scheduler thread while nothing else
+        runs. A round is two short generations, so a request that arrives meanwhile waits at most that."""
+        prompt = self._calibration_prompt()
+        try:
+            if not self._calibration_warm:
+                self._tokens_per_s_on_generator(prompt)
+                self._calibration_warm = True
+                return
+            self._calibration_ratios.append(
+                self._tokens_per_s_on_generator(prompt) / self._tokens_per_s_on_engine(prompt))
+        except Exception as error:  # the engine path still serves; only the faster lone path is lost
+            logger.warning("could not measure the lone-request paths (%s: %s); lone requests use the engine",
+                           type(error).__name__, error)
+            with self._lock:
+                self._calibrating = False
+            return
+        if len(self._calibration_ratios) < _CALIBRATION_ROUNDS:
+            return
+        speedup = statistics.median(self._calibration_ratios)
+        with self._lock:
+            self.solo_speedup = speedup
+            self.solo_enabled = speedup >= _SOLO_MARGIN
+            self._calibrating = False
+        logger.info("%s", self.describe())
 
 
 def read_engine_section(folder: Any) -> dict[str, Any]:

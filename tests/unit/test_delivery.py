@@ -31,6 +31,7 @@ from phi3_operator.builders import BuildContext, Owner, build_deployment
 from phi3_operator.builders.common import MODEL_DIR
 from phi3_operator.builders.delivery import (
     STARTUP_DEFAULT_FAILURES,
+    STARTUP_PROBE_PERIOD_S,
     PublishRequest,
     choose_delivery,
     publish_job,
@@ -120,8 +121,8 @@ def test_publish_outcomes() -> None:
 def test_the_startup_budget_grows_with_the_model() -> None:
     assert startup_failure_threshold(0) == STARTUP_DEFAULT_FAILURES
     small, big = startup_failure_threshold(1_000_000), startup_failure_threshold(10_000_000_000)
-    assert small < big and small * 5 >= 120, "even a tiny model gets two minutes"
-    assert big * 5 <= 3600
+    assert small < big and small * STARTUP_PROBE_PERIOD_S >= 120, "even a tiny model gets two minutes"
+    assert big * STARTUP_PROBE_PERIOD_S <= 3600
 
 
 def context(model_image: str = "", size: int = 0) -> BuildContext:
@@ -144,7 +145,10 @@ def test_a_downloaded_model_keeps_the_deployment_it_always_had() -> None:
     pod = build_deployment(context())["spec"]["template"]["spec"]
     assert pod["initContainers"][0]["name"] == "fetch-model"
     assert {"name": "models", "emptyDir": {}} in pod["volumes"]
-    assert pod["containers"][0]["startupProbe"]["failureThreshold"] == 120
+    startup = pod["containers"][0]["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] == 600, "ten minutes for a model of unknown size"
+    # Startup waits for the model, not for the HTTP server (which answers /live while it loads).
+    assert startup["httpGet"]["path"] == "/v2/health/ready" and startup["periodSeconds"] == 1
 
 
 def test_the_layer_is_reproducible_and_leaves_out_the_fetch_marker(tmp_path: Path) -> None:

@@ -31,10 +31,13 @@ PUBLISH_WORKDIR = "/scratch"
 # Startup budget: MLServer's own start plus reading the weights at a rate any node's disk beats.
 STARTUP_BASE_S = 120
 STARTUP_LOAD_MB_PER_S = 20
-STARTUP_PROBE_PERIOD_S = 5
+# Every second: the startup probe is what makes a pod Ready once its model has loaded (the kubelet
+# probes readiness at once when startup succeeds), so its period is the lag between the two.
+STARTUP_PROBE_PERIOD_S = 1
 STARTUP_MAX_S = 3600
 # Unknown size (a downloaded model): the budget of a 9.6 GB model.
-STARTUP_DEFAULT_FAILURES = 120
+STARTUP_DEFAULT_S = 600
+STARTUP_DEFAULT_FAILURES = STARTUP_DEFAULT_S // STARTUP_PROBE_PERIOD_S
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,11 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "resources": runtime_resources(ctx),
         "readinessProbe": http_probe("/v2/health/ready", period=5, failures=3),
         "livenessProbe": http_probe("/v2/health/live", period=10, failures=3),
-        # Loading a model can take minutes; liveness must not kill a pod that is still loading. The
-        # budget grows with the model's size where it is known (a published model image).
-        "startupProbe": http_probe("/v2/health/live", period=STARTUP_PROBE_PERIOD_S,
+        # Loading a model can take minutes; liveness must not kill a pod that is still loading, and a
+        # load that hangs must end in a restart. So startup waits for the model itself (/ready: MLServer
+        # answers /live while it still loads) within a budget that grows with the model's size where
+        # it is known (a published model image).
+        "startupProbe": http_probe("/v2/health/ready", period=STARTUP_PROBE_PERIOD_S,
                                    failures=startup_failure_threshold(ctx.model_size_bytes)),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
