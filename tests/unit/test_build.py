@@ -120,7 +120,7 @@ def test_https_registries_need_no_daemon_config() -> None:
 
 def test_only_the_build_pod_may_map_users_and_it_keeps_no_other_capability() -> None:
     security = build_job(REQUEST)["spec"]["template"]["spec"]["containers"][0]["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SETUID", "SETGID"]}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SETUID", "SETGID", "SETFCAP"]}
     assert security["allowPrivilegeEscalation"] is True
     assert security["seccompProfile"] == {"type": "Unconfined"}
 

@@ -166,14 +166,15 @@ def build_job(request: BuildRequest) -> Manifest:
                 "--output", f"type=image,name={request.image},push=true",
             ],
             "env": env,
-            # Rootless BuildKit maps the image's users into a user namespace of its own with the setuid
-            # newuidmap/newgidmap: they need privilege escalation and CAP_SETUID/CAP_SETGID in the bounding
-            # set ("newuidmap: Could not set caps" without), and the runtime's default seccomp and AppArmor
-            # profiles forbid creating the namespace. The process itself runs as UID 1000 with no
-            # effective capabilities; only this build pod is so configured, never a serving pod.
+            # Rootless BuildKit maps the image's users into a user namespace of its own with newuidmap and
+            # newgidmap, which gain CAP_SETUID, CAP_SETGID and CAP_SETFCAP (mapping root needs it since
+            # Linux 5.12) from a setuid bit or file capabilities: they need privilege escalation and those
+            # three in the bounding set ("newuidmap: Could not set caps" without), and the runtime's
+            # default seccomp and AppArmor profiles forbid creating the namespace. The process itself runs
+            # as UID 1000 with no effective capabilities; only this build pod is so configured.
             "securityContext": {
                 "allowPrivilegeEscalation": True,
-                "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID"]},
+                "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID", "SETFCAP"]},
                 "seccompProfile": {"type": "Unconfined"},
                 "appArmorProfile": {"type": "Unconfined"},
             },
