@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from datetime import datetime
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def probe_wheel(dest: Path) -> Path:
 def package_index(root: Path) -> Iterator[tuple[str, Path]]:
     """A PEP 503 simple index holding the probe wheel, on the bridge address (pods reach it, nothing
     outside does); yields (index URL, access log)."""
+    root.mkdir(parents=True, exist_ok=True)
     wheel = probe_wheel(root)
     sha256 = hashlib.sha256(wheel.read_bytes()).hexdigest()
     project = root / "simple" / PROBE
@@ -156,6 +158,10 @@ def test_a_model_needing_a_package_is_built_by_rootless_buildkit_and_served_from
 
     # The build ran on the real node, as UID 1000, and pip took the probe from the index on the bridge.
     [build_pod] = build_pods(cluster, namespace)
+    job = cluster.get("job", build_pod["metadata"]["labels"]["job-name"], namespace)
+    took = (datetime.fromisoformat(job["status"]["completionTime"].replace("Z", "+00:00"))
+            - datetime.fromisoformat(job["status"]["startTime"].replace("Z", "+00:00"))).total_seconds()
+    print(f"build Job {job['metadata']['name']}: {took:.0f}s from start to pushed image")
     assert build_pod["spec"]["nodeName"] == NODE_NAME
     assert build_pod["status"]["phase"] == "Succeeded"
     assert build_pod["spec"]["securityContext"]["runAsUser"] == 1000
