@@ -17,8 +17,8 @@ import re
 import subprocess
 import sys
 import zipfile
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
