@@ -354,8 +354,9 @@ def main() -> int:
     notes = [
         "The machine has 2 cores shared with other work (other engineers' tests and benches ran on the same "
         "cluster): every timing is noisy; one run per cell.",
-        "API timestamps (scheduled, fetched, runtime_started, ready) are whole seconds; the readiness probe "
-        "runs every 5 s, so `ready` lags the runtime's readiness by up to 5 s.",
+        "API timestamps (scheduled, fetched, runtime_started, ready) are whole seconds; the startup probe asks "
+        "/v2/health/ready every second (and the kubelet probes readiness as soon as startup succeeds), so `ready` "
+        "lags the model's readiness by about a second.",
         "loaded_model: the kubelet's (sub-second) timestamp on the runtime's MLServer 'Loaded model' log line, "
         "seconds from pod creation; null where the line was not found.",
         "first_token_after_ready_seen: from when this script saw the pod Ready (polling every 0.5 s) to the first "
@@ -364,6 +365,9 @@ def main() -> int:
         "The runtime image (mlserver-cpu) was already on the node in every case: cold means the model is not.",
     ]
     try:
+        # First: the loopback measurement serves on the bridge address, which exists while the node runs.
+        if localcluster("status", check=False).returncode != 0:
+            localcluster("up")
         disk, probe = disk_write_mbps(scratch)
         try:
             loopback = loopback_http_mbps(probe)
@@ -371,8 +375,6 @@ def main() -> int:
             probe.unlink(missing_ok=True)
         print(f"limits: disk write {disk:.0f} MB/s, loopback HTTP {loopback:.0f} MB/s", flush=True)
 
-        if localcluster("status", check=False).returncode != 0:
-            localcluster("up")
         cluster = Cluster(kubeconfig=Path(localcluster("kubeconfig").stdout.strip().splitlines()[-1]))
         node = cluster.get("node", NODE_NAME)
         assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
