@@ -177,9 +177,22 @@ def describe_delivery(cluster: Cluster, obj: dict[str, Any]) -> None:
     delivery = obj["status"].get("delivery", {})
     where = f": pods mount {delivery['image']}" if delivery.get("image") else ""
     info(f"model delivery: {delivery.get('mode', 'Download')}{where}")
-    events = json.loads(cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", "reason=PodReady",
-                                        "-o", "json").stdout)["items"]
-    for event in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")[-1:]:
+    current = {p["metadata"]["name"] for p in serving_pods(cluster, MODEL, NAMESPACE)
+               if not p["metadata"].get("deletionTimestamp")}
+
+    def current_rollout_event() -> dict[str, Any] | None:
+        """The operator reports a rollout once it completes, which can be a moment after the demo sees the new
+        version served: wait briefly for the event that names a pod serving now."""
+        events = json.loads(cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", "reason=PodReady",
+                                            "-o", "json").stdout)["items"]
+        return next((e for e in events if any(f"pod {name} " in e["message"] for name in current)), None)
+
+    deadline = time.monotonic() + 30
+    event = current_rollout_event()
+    while event is None and time.monotonic() < deadline:
+        time.sleep(1)
+        event = current_rollout_event()
+    if event is not None:
         info(f"event PodReady: {event['message']}")
 
 
