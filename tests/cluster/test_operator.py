@@ -226,9 +226,12 @@ def test_noop_resync_makes_zero_writes(
         return str(cluster.get("deployment", "phi3-mini", namespace)["metadata"]["resourceVersion"])
 
     for _attempt in range(5):
+        # The version is read before the quiet window starts: a Deployment status update (the controller's,
+        # seconds after Ready) that lands between the window and this read would otherwise hide the
+        # operator's legitimate answer to it.
+        version = deployment_version()
         settled = wait_until(lambda: _quiet_since(audit_log, namespace), timeout=60,
                              message="the operator to stop writing after Ready")
-        version = deployment_version()
         resyncs_before = operator.log().count(RESYNC_PASS)
         wait_until(lambda before=resyncs_before: operator.log().count(RESYNC_PASS) >= before + 3, timeout=30,
                    message="three more resync passes over every model")
