@@ -186,7 +186,8 @@ class OnnxBatchEngine(OnnxEngineBase):
             self._engine = self._og.Engine(self._model)
             self.max_batch_size = int(self._engine.get_capabilities().configured_max_batch_size)
             self._events = self._engine.create_event_buffer(max(64, 4 * self.max_batch_size))
-            self._tokens_per_s_on_engine(self._calibration_prompt(), _WARM_UP_TOKENS)
+            self._calibration_prompt = self._encode_calibration_prompt()
+            self._tokens_per_s_on_engine(self._calibration_prompt, _WARM_UP_TOKENS)
         except BaseException as error:
             self._startup_error = error
             return
@@ -502,9 +503,9 @@ class OnnxBatchEngine(OnnxEngineBase):
             return
         self._end(turn, _End("cancelled"))
 
-    # -- load-time measurement -------------------------------------------------------------------
+    # -- the lone-request measurement (after load, while idle) ---------------------------------------
 
-    def _calibration_prompt(self) -> Any:
+    def _encode_calibration_prompt(self) -> Any:
         import numpy as np
 
         return np.asarray(self._tokenizer.encode("Once upon a time"), dtype=np.int32)
@@ -539,7 +540,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         """One round of the lone-request measurement (tokens/s on a Generator over tokens/s on the
         engine; the median of the rounds decides), run by the scheduler thread while nothing else
         runs. A round is two short generations, so a request that arrives meanwhile waits at most that."""
-        prompt = self._calibration_prompt()
+        prompt = self._calibration_prompt
         try:
             if not self._calibration_warm:
                 self._tokens_per_s_on_generator(prompt)
