@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv binaries images lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
+.PHONY: help setup system-packages venv binaries image-layers images lint test test-unit test-cluster test-serving test-chart demo demo-down bench cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the whole product on the local control plane"
@@ -18,7 +18,10 @@ help:
 	@echo "make images      build images/operator and images/mlserver-cpu with buildah, push to the local registry"
 	@echo "make cluster-up / cluster-down   start or stop the local control plane"
 
-setup: system-packages venv binaries
+# Cold, the Go builds keep both cores busy for most of setup; the venv, the debootstrap base and the
+# images' layers are mostly downloads and unpacking, so they run beside them.
+setup: system-packages
+	@$(MAKE) --no-print-directory -j3 venv binaries image-layers
 
 # Debian packages, as `command:package`: lua5.4 runs the Argo CD health check, openssl makes the
 # cluster's certificates, buildah and debootstrap build the images; the real node needs runc, the
@@ -41,6 +44,12 @@ $(VENV_STAMP):
 
 binaries:
 	hack/localcluster build
+
+# The images the demo and the real-node tests push, built into buildah's layer cache (root only: buildah).
+IMAGE_LAYERS := operator mlserver-cpu mlflow
+image-layers:
+	@if [ "$$(id -u)" = 0 ]; then hack/images build --no-push $(IMAGE_LAYERS); \
+	else echo "image-layers: not root, so no buildah: the images are built when the real node first needs them"; fi
 
 # The registry the images are pushed to runs on the local cluster's node bridge.
 images: setup cluster-up

@@ -215,14 +215,15 @@ def up() -> None:
     info(out)
     info(cluster.kubectl("get", "nodes", "-o", "wide").stdout.strip().replace("\n", "\n    "))
 
-    step("Building images/operator and images/mlserver-cpu with buildah, pushing to the cluster's registry")
-    images = build_images("operator", "mlserver-cpu")
+    step("Building images/operator, images/mlserver-cpu and images/mlflow with buildah, pushing to the cluster's "
+         "registry")
+    images = build_images("operator", "mlserver-cpu", "mlflow")
     for name, ref in images.items():
         info(f"{name}: {ref}")
 
-    step(f"Running MLflow in the cluster ({IN_CLUSTER_TRACKING_URI}), from the runtime image")
+    step(f"Running MLflow in the cluster ({IN_CLUSTER_TRACKING_URI}), from images/mlflow")
     cluster.kubectl("create", "namespace", MLFLOW_NAMESPACE, check=False)
-    cluster.apply(mlflow_manifests(images["mlserver-cpu"]), MLFLOW_NAMESPACE)
+    cluster.apply(mlflow_manifests(images["mlflow"]), MLFLOW_NAMESPACE)
     cluster.kubectl("rollout", "status", "-n", MLFLOW_NAMESPACE, "deployment/mlflow", "--timeout=300s", timeout=320)
     tracking_uri = service_base_url(cluster, "mlflow", MLFLOW_NAMESPACE)
     info(f"MLflow is Ready; this host reaches it through its ClusterIP: {tracking_uri}")

@@ -12,6 +12,7 @@ import json
 import subprocess
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -124,6 +125,15 @@ def test_a_phi3model_serves_chat_and_streams_from_a_real_pod(real_path: RealPath
             pieces.append(chunk.choices[0].delta.content)
     assert pieces, "the stream carried no tokens"
     print(f"first streamed token through the Service: {first_token_s:.3f}s")
+
+    # MLflow's payloads go through mlflow-skinny's own scoring parser, which is all the image carries of MLflow.
+    chat = [{"role": "user", "content": "Hi"}]
+    records = [{"messages": chat, "max_tokens": 3}, {"messages": chat, "max_tokens": 2}]
+    request = urllib.request.Request(f"{base}/invocations", data=json.dumps({"dataframe_records": records}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        predictions = json.loads(response.read())["predictions"]
+    assert [prediction["object"] for prediction in predictions] == ["chat.completion"] * 2
 
 
 def stream_until(client: Any, stop: threading.Event, outcomes: list[str]) -> None:

@@ -13,7 +13,8 @@ import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES = REPO_ROOT / "images"
-NAMES = ("operator", "mlserver-cpu", "mlserver-cuda")
+PROJECT_IMAGES = ("operator", "mlserver-cpu", "mlserver-cuda")
+NAMES = (*PROJECT_IMAGES, "mlflow")
 PIN = re.compile(r"^([a-z0-9][a-z0-9-]*)==([A-Za-z0-9.+!-]+)$")
 
 
@@ -73,7 +74,7 @@ def test_label_points_at_the_packages_file_it_installs(name: str) -> None:
     assert "--no-deps --requirement" in dockerfile and "pip check" in dockerfile
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PROJECT_IMAGES)
 def test_packages_carry_the_project_and_its_pins(name: str) -> None:
     meta = project()
     carried = packages(name)
@@ -87,10 +88,25 @@ def test_packages_carry_the_project_and_its_pins(name: str) -> None:
         assert carried.get(package) == version, f"{name} carries {package}=={carried.get(package)}, want {version}"
 
 
+def test_one_mlflow_version_everywhere() -> None:
+    """The runtime and operator images carry mlflow-skinny, the tracking server full mlflow: one version."""
+    extras = project()["optional-dependencies"]  # type: ignore[index]
+    dev = exact_pins(extras["dev"])  # type: ignore[index]
+    version = dev["mlflow"]
+    for extra in ("operator", "serving"):
+        assert exact_pins(extras[extra])["mlflow-skinny"] == version, extra  # type: ignore[index]
+    for name in PROJECT_IMAGES:
+        carried = packages(name)
+        assert carried["mlflow-skinny"] == version and "mlflow" not in carried, name
+    server = packages("mlflow")
+    assert server["mlflow"] == version and "phi3-operator" not in server
+    assert not {"sqlalchemy", "flask", "pyarrow", "scikit-learn"} & set(packages("mlserver-cpu"))
+
+
 def test_runtime_images_differ_only_where_they_should() -> None:
     cpu, cuda = packages("mlserver-cpu"), packages("mlserver-cuda")
     assert "onnxruntime-genai" in cpu and "onnxruntime-genai" not in cuda
     assert "onnxruntime-gpu" in cuda and "onnxruntime" not in cuda
     assert "torch" not in cpu
     shared = set(cpu) & set(cuda)
-    assert {"mlserver", "mlflow", "transformers"} <= shared
+    assert {"mlserver", "mlflow-skinny", "transformers"} <= shared
