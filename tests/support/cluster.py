@@ -15,14 +15,17 @@ LOCALCLUSTER = REPO_ROOT / "hack" / "localcluster"
 
 
 def localcluster(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    proc = subprocess.run(
         [str(LOCALCLUSTER), *args],
         env={**os.environ, **(env or {})},
         text=True,
         capture_output=True,
-        check=check,
         timeout=3600,
     )
+    if check and proc.returncode != 0:
+        # Its stderr says which component failed and why; a bare exit status would hide that.
+        raise RuntimeError(f"hack/localcluster {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def cached_binary(name: str) -> str:
