@@ -47,6 +47,10 @@ class PodProblem:
     pod: str
 
 
+# What `phi3-operator serve` prints last when the model fails to load (tested against phi3_serving.serve).
+MODEL_LOAD_FAILED_MARKER = "the model failed to load: "
+
+
 def _tail(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_TAIL_CHARS else "..." + text[-MESSAGE_TAIL_CHARS:]
@@ -92,6 +96,11 @@ def _container_problem(pod: Mapping[str, Any], status: Mapping[str, Any], init: 
     if failed is None:
         return None
     detail = _tail(str(failed.get("message") or failed.get("reason") or ""))
+    if MODEL_LOAD_FAILED_MARKER in detail:
+        # The runtime said it: the model's own code (load_context, an import) raised while loading.
+        error = detail.rsplit(MODEL_LOAD_FAILED_MARKER, 1)[1].strip()
+        return ("ModelLoadFailed", f"the model failed to load in container {name} (exit code "
+                f"{failed.get('exitCode')}, {status.get('restartCount', 0)} restarts): {error}")
     if init and name == FETCH_CONTAINER:
         return ("ModelFetchFailed", f"the init container could not fetch the model (exit code "
                 f"{failed.get('exitCode')}): {detail}")

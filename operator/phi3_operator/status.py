@@ -95,6 +95,9 @@ REASON_TABLE: tuple[Reason, ...] = (
     Reason("ImagePullFailed", "Available", "transient", "Pending",
            "the node cannot pull the runtime image: check the catalog's image reference, the registry and "
            "`imagePullSecrets`"),
+    Reason("ModelLoadFailed", "Available", "terminal", "Failed",
+           "the model's own code raised while loading (`load_context`, a missing package or file); the message "
+           "quotes the error's last line. A serving version keeps serving: the rollout stalls"),
     Reason("RuntimeCrashLoop", "Available", "terminal", "Failed",
            "the runtime container keeps exiting (the message quotes its last words): "
            "`kubectl logs deploy/<name> -c runtime --previous`"),

@@ -1,4 +1,8 @@
-"""Load any model `phi3-operator package` produces and give back its chat engine.
+"""Load an MLflow model and give back what serves it: our engine, or the user's own pyfunc.
+
+Models made by `phi3-operator package` (and transformers chat pipelines) get our engines, with
+batching, guidance and tools. Any other pyfunc is served as MLflow serves it, and gets the
+OpenAI endpoint its metadata calls for (`pyfunc_model.model_shape`).
 
 The runtime, the benchmark and the tests all go through `load_served_model`, so they load a
 model exactly the way the container does: `mlflow.pyfunc.load_model` on the (downloaded) URI.
@@ -15,18 +19,23 @@ from typing import Any
 from phi3_serving.chat import GenerationDefaults
 from phi3_serving.engine import ChatEngine, max_concurrency_from_env
 from phi3_serving.metrics import ModelMetrics
+from phi3_serving.pyfunc_model import ModelShape, PyfuncChatEngine, model_shape
 
-
-class UnsupportedModel(ValueError):
-    """An MLflow model that is neither of the two flavors we serve."""
+PYFUNC_FLAVOR = "pyfunc"
 
 
 @dataclass(frozen=True)
 class ServedModel:
     pyfunc: Any  # mlflow.pyfunc.PyFuncModel
-    engine: ChatEngine
-    flavor: str  # "onnx-genai" or "transformers"
+    engine: ChatEngine | None  # None: only /invocations and V2 (or /v1/responses) through the pyfunc
+    flavor: str  # "onnx-genai", "transformers" or "pyfunc"
     max_concurrency: int
+    shape: ModelShape | None = None  # a user's pyfunc; None for our own engines
+
+    @property
+    def ours(self) -> bool:
+        """Served by one of our engines (batching, guidance, tools), not by the model's own predict."""
+        return self.shape is None
 
 
 def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, str] | None = None) -> ServedModel:
@@ -60,17 +69,17 @@ def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, 
 
     try:
         python_model = pyfunc_model.unwrap_python_model()
-    except Exception as error:
-        raise UnsupportedModel(_unsupported(model_uri, flavors)) from error
-    if not isinstance(python_model, OnnxGenAIChatModel):
-        raise UnsupportedModel(_unsupported(model_uri, flavors))
-    onnx_engine = python_model.engine
-    onnx_engine.attach_metrics(ModelMetrics(name))
-    return ServedModel(pyfunc_model, onnx_engine, ONNX_FLAVOR, onnx_engine.max_concurrency)
-
-
-def _unsupported(model_uri: str, flavors: Mapping[str, Any]) -> str:
-    return (
-        f"{model_uri} is not a model phi3-operator can serve (flavors: {', '.join(flavors)}); package it with "
-        f"`phi3-operator package onnx` or `phi3-operator package transformers`"
-    )
+    except Exception:  # not a PythonModel (e.g. a sklearn model): served as a plain pyfunc
+        python_model = None
+    if isinstance(python_model, OnnxGenAIChatModel):
+        onnx_engine = python_model.engine
+        onnx_engine.attach_metrics(ModelMetrics(name))
+        return ServedModel(pyfunc_model, onnx_engine, ONNX_FLAVOR, onnx_engine.max_concurrency)
+    shape = model_shape(pyfunc_model.metadata, python_model)
+    metrics = ModelMetrics(name)
+    engine: ChatEngine | None = None
+    if shape.shape in ("chat", "prompt"):
+        engine = PyfuncChatEngine(
+            pyfunc_model, shape, name=name, defaults=GenerationDefaults.from_env(env), metrics=metrics
+        )
+    return ServedModel(pyfunc_model, engine, PYFUNC_FLAVOR, max_concurrency_from_env(env), shape)

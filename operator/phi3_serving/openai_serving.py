@@ -33,10 +33,14 @@ Endpoint = Literal["chat", "text"]
 
 def check_model(request: ChatRequest, served_name: str) -> dict[str, Any] | None:
     """OpenAI's 404 body for a request naming a model this server does not serve, else None."""
-    if request.model is None or request.model == served_name:
+    return check_model_name(request.model, served_name)
+
+
+def check_model_name(requested: str | None, served_name: str) -> dict[str, Any] | None:
+    if requested is None or requested == served_name:
         return None
     return error_body(
-        f"The model '{request.model}' does not exist; this server serves '{served_name}' (see GET /v1/models)",
+        f"The model '{requested}' does not exist; this server serves '{served_name}' (see GET /v1/models)",
         param="model",
         code="model_not_found",
     )

@@ -15,10 +15,12 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, cast
 
 from mlserver import MLModel
 from mlserver.codecs import StringCodec
@@ -39,7 +41,22 @@ from phi3_serving.chat import (
 )
 from phi3_serving.engine import ChatEngine, StreamEvent
 from phi3_serving.loading import ServedModel, load_served_model
-from phi3_serving.openai_serving import Endpoint, StreamShaper, check_model, check_text_request, response_body
+from phi3_serving.metrics import ModelMetrics, RequestMeter
+from phi3_serving.openai_serving import (
+    Endpoint,
+    StreamShaper,
+    check_model,
+    check_model_name,
+    check_text_request,
+    response_body,
+)
+from phi3_serving.pyfunc_model import (
+    OPENAI_ENDPOINTS,
+    ResponsesStreamShaper,
+    response_object,
+    responses_agent_input,
+    unsupported_endpoint_message,
+)
 
 # The V2 request parameters we read as generation options.
 _V2_OPTION_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop")
@@ -50,11 +67,18 @@ _LLM_INPUT_KEYS = ("messages", "prompt")
 LOAD_FAILURES: list[str] = []
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Response]])
+_Result = TypeVar("_Result")
 
 
 def _route(path: str, method: str = "POST") -> Callable[[_Handler], _Handler]:
     """MLServer's `custom_handler`, typed: MLServer mounts the method on its FastAPI app at `path`."""
     return cast(Callable[[_Handler], _Handler], custom_handler(rest_path=path, rest_method=method))
+
+
+class _Streams(Protocol):
+    """What `_ThreadedStream` drives: a ChatEngine, or a ResponsesAgent's stream."""
+
+    def stream(self, request: Any) -> Iterator[StreamEvent]: ...
 
 
 class _Finished:
@@ -79,7 +103,7 @@ class _ThreadedStream:
 
     _STARTED = object()
 
-    def __init__(self, engine: ChatEngine, request: ChatRequest, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, engine: _Streams, request: ChatRequest | None, pool: ThreadPoolExecutor) -> None:
         self._loop = asyncio.get_running_loop()
         self._pending: deque[object] = deque()
         self._lock = threading.Lock()
@@ -165,8 +189,25 @@ class _ThreadedStream:
                 cancel()  # ends it now, even while it still waits for a batch slot
 
 
+@dataclass(frozen=True)
+class _AgentEvent(StreamEvent):
+    agent_event: dict[str, Any] = field(default_factory=dict)
+
+
+class _AgentStream:
+    """A ResponsesAgent's predict_stream in the shape `_ThreadedStream` drives (an engine's `stream`)."""
+
+    def __init__(self, pyfunc_model: Any, agent_request: dict[str, Any]) -> None:
+        self._model = pyfunc_model
+        self._request = agent_request
+
+    def stream(self, _request: object) -> Iterator[StreamEvent]:
+        events = self._model.predict_stream(self._request)
+        return (_AgentEvent("", None, dict(event) if isinstance(event, dict) else {}) for event in events)
+
+
 class Phi3Runtime(MLModel):  # type: ignore[misc]
-    """Serves one model packaged by `phi3-operator package` (either flavor)."""
+    """Serves one MLflow model: ours (either engine) or any pyfunc a user logged with MLflow's APIs."""
 
     async def load(self) -> bool:
         uri = self.settings.parameters.uri if self.settings.parameters else None
@@ -180,12 +221,17 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             )
         except Exception as error:
             # MLServer logs this and shuts down; `serve` reads it to exit non-zero with the reason.
-            LOAD_FAILURES.append(f"{self.name}: {type(error).__name__}: {error}")
+            last_line = (str(error).strip().splitlines() or [""])[-1]
+            LOAD_FAILURES.append(f"{self.name}: {type(error).__name__}: {last_line}")
             raise
-        self._engine: ChatEngine = self._served.engine
+        self._engine: ChatEngine | None = self._served.engine
+        self._metrics = ModelMetrics(self.name)
         describe = getattr(self._engine, "describe", None)
         if describe is not None:
             logger.info("%s: %s", self.name, describe())
+        elif self._served.shape is not None:
+            shape = self._served.shape
+            logger.info("%s: MLflow pyfunc, %s-shaped (%s)", self.name, shape.shape, shape.why)
         self._pool = ThreadPoolExecutor(
             max_workers=self._served.max_concurrency, thread_name_prefix=f"phi3-{self.name}"
         )
@@ -203,18 +249,44 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
 
     # -- generation, off the loop --------------------------------------------------------------
 
+    def _chat_engine(self) -> ChatEngine:
+        if self._engine is None:
+            raise InvalidRequestError(self._no_engine_message())
+        return self._engine
+
+    def _no_engine_message(self) -> str:
+        shape = self._served.shape
+        why = f" ({shape.why})" if shape is not None else ""
+        return f"'{self.name}' is not a chat or prompt model{why}: send its inputs to /invocations or V2"
+
     async def _complete(self, request: ChatRequest) -> Completion:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._engine.complete, request)
+        return await loop.run_in_executor(self._pool, self._chat_engine().complete, request)
 
     async def _start_stream(self, request: ChatRequest) -> _ThreadedStream:
-        stream = _ThreadedStream(self._engine, request, self._pool)
+        stream = _ThreadedStream(self._chat_engine(), request, self._pool)
         await stream.started()
         return stream
+
+    async def _in_pool(self, call: Callable[[], _Result]) -> _Result:
+        """A call of the user's own pyfunc: bounded like generation, counted in the same metrics."""
+        meter = RequestMeter(self._metrics, 0)
+
+        def run() -> _Result:
+            try:
+                result = call()
+                meter.token()
+                return result
+            finally:
+                meter.finish("stop")
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     # -- V2 (Open Inference Protocol) ----------------------------------------------------------
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        if self._engine is None:
+            return await self._v2_pyfunc(payload)
         request = self._v2_request(payload)
         try:
             completion = await self._complete(request)
@@ -241,6 +313,19 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
                     outputs=_v2_outputs(event.text, event.completion),
                 )
 
+    async def _v2_pyfunc(self, payload: InferenceRequest) -> InferenceResponse:
+        """V2 for a pyfunc without a chat engine: the inputs as a DataFrame, as MLServer's MLflow runtime does."""
+        from mlflow.exceptions import MlflowException
+        from mlserver.codecs import PandasCodec
+
+        pyfunc_model = self._served.pyfunc
+        frame = PandasCodec.decode_request(payload)
+        try:
+            result = await self._in_pool(lambda: pyfunc_model.predict(frame))
+        except MlflowException as error:
+            raise MLServerError(error.message.split("\n")[0], status_code=400) from error
+        return InferenceResponse(model_name=self.name, model_version=self.version, outputs=_v2_pyfunc_outputs(result))
+
     def _v2_request(self, payload: InferenceRequest) -> ChatRequest:
         """Inputs `messages` (BYTES, JSON objects or one JSON list) or `prompt` (BYTES); options as parameters."""
         raw: dict[str, Any] = {}
@@ -256,7 +341,7 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             parameters = payload.parameters.model_dump(exclude_none=True)
             raw.update({key: parameters[key] for key in _V2_OPTION_KEYS if key in parameters})
         try:
-            return parse_chat_request(raw, self._engine.defaults)
+            return parse_chat_request(raw, self._chat_engine().defaults)
         except InvalidRequestError as error:
             raise MLServerError(error.message, status_code=400) from error
 
@@ -271,14 +356,93 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
         """The legacy text-completion endpoint that evaluation harnesses and older clients call."""
         return await self._openai(request, "text")
 
-    async def _openai(self, request: Request, endpoint: Endpoint) -> Response:
+    @_route("/v1/responses")
+    async def openai_responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, for an MLflow ResponsesAgent (streams from its predict_stream)."""
+        body, problem = await self._openai_preflight(request, "responses")
+        if problem is not None:
+            return problem
+        try:
+            agent_request = responses_agent_input(body)
+        except InvalidRequestError as error:
+            return _invalid(error)
+        pyfunc_model = self._served.pyfunc
+        response_id = f"resp_{uuid.uuid4().hex}"
+        if body.get("stream") is True and self._served.shape is not None and self._served.shape.streamable:
+            shaper = ResponsesStreamShaper(response_id=response_id, model=self.name)
+            stream = _ThreadedStream(_AgentStream(pyfunc_model, agent_request), None, self._pool)
+            try:
+                await stream.started()
+            except Exception as error:  # the agent's own failure, before any byte is sent
+                return _agent_failed(error)
+            return StreamingResponse(
+                self._responses_sse(stream, shaper), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            answer = await self._in_pool(lambda: pyfunc_model.predict(agent_request))
+        except Exception as error:  # the agent's own failure
+            return _agent_failed(error)
+        output = answer.get("output", []) if isinstance(answer, dict) else []
+        result = response_object(output, response_id=response_id, model=self.name, created=int(time.time()))
+        if body.get("stream") is True:  # an agent without predict_stream: the whole answer as one stream
+            shaper = ResponsesStreamShaper(response_id=response_id, model=self.name)
+            events = [*shaper.opening()]
+            for item in output:
+                events += shaper.events({"type": "response.output_item.done", "item": item})
+            events += shaper.closing()
+            return Response(b"".join(_sse_event(e) for e in events), media_type="text/event-stream")
+        return JSONResponse(result)
+
+    async def _responses_sse(self, stream: _ThreadedStream, shaper: ResponsesStreamShaper) -> AsyncIterator[bytes]:
+        yield b"".join(_sse_event(event) for event in shaper.opening())
+        batches = stream.batches()
+        try:
+            async for batch in batches:
+                yield b"".join(
+                    _sse_event(out)
+                    for event in batch
+                    if isinstance(event, _AgentEvent)
+                    for out in shaper.events(event.agent_event)
+                )
+        except Exception as error:  # the 200 is sent: say it in-band
+            yield _sse_event(shaper.error(f"the agent failed: {error}"))
+            return
+        finally:
+            await batches.aclose()
+        yield b"".join(_sse_event(event) for event in shaper.closing())
+
+    async def _openai_preflight(self, request: Request, endpoint: str) -> tuple[Any, Response | None]:
+        """The JSON body, or the error for a bad body, another model's name, or an endpoint this model lacks."""
         body, problem = await _read_json(request)
+        if problem is not None:
+            return None, problem
+        if not isinstance(body, dict):
+            return None, JSONResponse(error_body("the request body must be a JSON object"), status_code=400)
+        name = body.get("model")
+        missing = check_model_name(name if isinstance(name, str) else None, self.name)
+        if missing is not None:
+            return None, JSONResponse(missing, status_code=404)
+        shape = self._served.shape
+        offered = OPENAI_ENDPOINTS[shape.shape] if shape is not None else frozenset({"chat", "text"})
+        if endpoint not in offered:
+            message = (
+                unsupported_endpoint_message(shape, endpoint, self.name)
+                if shape is not None
+                else f"/v1/responses is not available for '{self.name}': "
+                "it serves /v1/chat/completions and /v1/completions"
+            )
+            return None, JSONResponse(error_body(message, code="unsupported_endpoint"), status_code=400)
+        return body, None
+
+    async def _openai(self, request: Request, endpoint: Endpoint) -> Response:
+        body, problem = await self._openai_preflight(request, endpoint)
         if problem is not None:
             return problem
         try:
             if endpoint == "text":
                 check_text_request(body)
-            chat_request = parse_chat_request(body, self._engine.defaults)
+            chat_request = parse_chat_request(body, self._chat_engine().defaults)
             missing = check_model(chat_request, self.name)
             if missing is not None:
                 return JSONResponse(missing, status_code=404)
@@ -293,6 +457,12 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             completion = await self._complete(chat_request)
         except InvalidRequestError as error:
             return _invalid(error)
+        except Exception as error:
+            if self._served.ours:
+                raise
+            # A user's predict raised: say so in OpenAI's shape, with the model's own message.
+            logger.exception("%s: predict failed", self.name)
+            return JSONResponse(error_body(f"the model failed: {error}", error_type="server_error"), status_code=500)
         return JSONResponse(response_body(endpoint, completion, model=self.name))
 
     async def _sse(self, stream: _ThreadedStream, shaper: StreamShaper) -> AsyncIterator[bytes]:
@@ -325,9 +495,10 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
         body, problem = await _read_json(request)
         if problem is not None:
             return problem
-        if isinstance(body, dict) and any(key in body for key in _LLM_INPUT_KEYS):
+        # A user's pyfunc answers /invocations exactly as `mlflow models serve` does, chat input included.
+        if self._served.ours and isinstance(body, dict) and any(key in body for key in _LLM_INPUT_KEYS):
             try:
-                chat_request = parse_chat_request(body, self._engine.defaults)
+                chat_request = parse_chat_request(body, self._chat_engine().defaults)
                 completion = await self._complete(chat_request)
             except InvalidRequestError as error:
                 return _invalid(error)
@@ -346,9 +517,8 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
                 data, content_type, pyfunc_model, pyfunc_model.metadata.get_input_schema()
             )
 
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._pool, score)
+            result = await self._in_pool(score)
         except MlflowException as error:
             cause = error.__cause__ or error.__context__
             message = cause.message if isinstance(cause, InvalidRequestError) else error.message
@@ -371,6 +541,11 @@ async def _read_json(request: Request) -> tuple[Any, Response | None]:
         return None, JSONResponse(
             error_body(f"the request body is not valid JSON: {error}", code="invalid_json"), status_code=400
         )
+
+
+def _agent_failed(error: Exception) -> Response:
+    logger.error("the agent failed: %s", error)
+    return JSONResponse(error_body(f"the agent failed: {error}", error_type="server_error"), status_code=500)
 
 
 def _invalid(error: InvalidRequestError) -> Response:
@@ -404,4 +579,22 @@ def _v2_outputs(text: str, completion: Completion | None) -> list[ResponseOutput
             ("completion_tokens", completion.completion_tokens),
         ):
             outputs.append(ResponseOutput(name=name, shape=[1], datatype="INT64", data=[value]))
+    return outputs
+
+
+def _v2_pyfunc_outputs(result: Any) -> list[ResponseOutput]:
+    """A pyfunc's answer as V2 outputs: a DataFrame's columns, a dict's entries, or one `predictions` tensor."""
+    import numpy as np
+    from mlserver.codecs import NumpyCodec, PandasCodec
+
+    if hasattr(result, "columns") and hasattr(result, "to_dict"):  # a DataFrame
+        return list(PandasCodec.encode_response("model", result).outputs)
+    named = result if isinstance(result, dict) else {"predictions": result}
+    outputs = []
+    for name, value in named.items():
+        array = np.asarray(value.tolist() if hasattr(value, "tolist") else value)
+        if array.dtype.kind in ("U", "S", "O"):
+            outputs.append(StringCodec.encode_output(str(name), [str(v) for v in array.ravel().tolist()]))
+        else:
+            outputs.append(NumpyCodec.encode_output(str(name), array))
     return outputs

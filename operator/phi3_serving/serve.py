@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 RUNTIME_IMPLEMENTATION = "phi3_serving.runtime.Phi3Runtime"
 GIL_SWITCH_INTERVAL_S = 0.0005
+# The operator reads this from the container's last words (podhealth.MODEL_LOAD_FAILED_MARKER).
+LOAD_FAILED_PREFIX = "phi3-operator serve: the model failed to load: "
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,6 @@ def serve(options: ServeOptions) -> int:
 
     if LOAD_FAILURES:
         for failure in LOAD_FAILURES:
-            print(f"phi3-operator serve: the model failed to load: {failure}", file=sys.stderr, flush=True)
+            print(f"{LOAD_FAILED_PREFIX}{failure}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -65,7 +65,7 @@ def test_cpu_model_gets_deployment_service_and_ready_status(
     assert runtime["command"][:2] == ["phi3-operator", "serve"]
     assert fetch["command"] == ["phi3-operator", "fetch", "--model-uri", pyfunc_model_uri, "--dest", "/models/model"]
     assert {p["containerPort"] for p in runtime["ports"]} == {8080, 8081, 8082}
-    assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/models/phi3-mini/ready"
     assert runtime["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert runtime["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
     assert env_of(runtime)["PHI3_MAX_TOKENS"] == "256"

@@ -148,7 +148,9 @@ def test_a_downloaded_model_keeps_the_deployment_it_always_had() -> None:
     startup = pod["containers"][0]["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] == 600, "ten minutes for a model of unknown size"
     # Startup waits for the model, not for the HTTP server (which answers /live while it loads).
-    assert startup["httpGet"]["path"] == "/v2/health/ready" and startup["periodSeconds"] == 1
+    owner = context().owner.name
+    assert startup["httpGet"]["path"] == f"/v2/models/{owner}/ready" and startup["periodSeconds"] == 1
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == f"/v2/models/{owner}/ready"
 
 
 def test_the_layer_is_reproducible_and_leaves_out_the_fetch_marker(tmp_path: Path) -> None:

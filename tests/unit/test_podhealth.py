@@ -62,6 +62,19 @@ def test_a_crash_looping_runtime() -> None:
     assert found is not None and found.reason == "RuntimeCrashLoop" and "ValueError: bad" in found.message
 
 
+def test_a_model_that_fails_to_load() -> None:
+    from phi3_operator.podhealth import MODEL_LOAD_FAILED_MARKER
+    from phi3_serving.serve import LOAD_FAILED_PREFIX
+
+    assert LOAD_FAILED_PREFIX.endswith(MODEL_LOAD_FAILED_MARKER)
+    last_words = f"Traceback ...\n{LOAD_FAILED_PREFIX}m: FileNotFoundError: weights.bin is missing\n"
+    found = pod_problem([pod(containers=[{"name": "runtime", "restartCount": 2,
+                                          "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                          "lastState": terminated("Error", 1, last_words)}])])
+    assert found is not None and found.reason == "ModelLoadFailed"
+    assert found.message.endswith("m: FileNotFoundError: weights.bin is missing")
+
+
 @pytest.mark.parametrize("ready, deleting", [(True, False), (False, True)])
 def test_ready_or_terminating_pods_explain_nothing(ready: bool, deleting: bool) -> None:
     document = pod(containers=[{"name": "runtime", "state": terminated("OOMKilled", 137)}], ready=ready)

@@ -25,6 +25,7 @@ local TERMINAL_REASONS = {
   ProgressDeadlineExceeded = true,
   PublishFailed = true,
   RegistryRequired = true,
+  ModelLoadFailed = true,
   RuntimeCrashLoop = true,
 }
 

@@ -72,6 +72,11 @@ def credentials_env_from(ctx: BuildContext) -> list[dict[str, Any]]:
     return [{"secretRef": {"name": secret}}] if secret else []
 
 
+def model_ready_path(model_name: str) -> str:
+    """V2's per-model readiness: 200 only once this model has loaded."""
+    return f"/v2/models/{model_name}/ready"
+
+
 def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "http"},
@@ -123,13 +128,15 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "env": env_vars(ctx),
         "envFrom": credentials_env_from(ctx),
         "resources": runtime_resources(ctx),
-        "readinessProbe": http_probe("/v2/health/ready", period=5, failures=3),
+        # The model's own readiness, not the server's: MLServer's server-level /ready can answer before
+        # a model is registered, and a pod must never take traffic it cannot answer.
+        "readinessProbe": http_probe(model_ready_path(ctx.owner.name), period=5, failures=3),
         "livenessProbe": http_probe("/v2/health/live", period=10, failures=3),
         # Loading a model can take minutes; liveness must not kill a pod that is still loading, and a
         # load that hangs must end in a restart. So startup waits for the model itself (/ready: MLServer
         # answers /live while it still loads) within a budget that grows with the model's size where
         # it is known (a published model image).
-        "startupProbe": http_probe("/v2/health/ready", period=STARTUP_PROBE_PERIOD_S,
+        "startupProbe": http_probe(model_ready_path(ctx.owner.name), period=STARTUP_PROBE_PERIOD_S,
                                    failures=startup_failure_threshold(ctx.model_size_bytes)),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
