@@ -4,11 +4,6 @@ and `/invocations` compared side by side with `mlflow models serve` of the same 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +12,10 @@ import openai
 import pytest
 
 from tests.serving.conftest import MAX_BATCH_SIZE
-from tests.support.mlflow_server import MlflowServer, free_port
-from tests.support.processes import log_tail, stop_process_group
-from tests.support.serving import OFFLINE_ENV, REPO_ROOT, ServedProcess, run_cli
+from tests.support.mlflow_server import MlflowServer
+from tests.support.serving import MlflowModelsServe, ServedProcess, run_cli
 from tests.support.tiny_model import TinyModel
 from tests.support.user_models import BROKEN_LOAD_ERROR, RECIPE_PROMPT, log_user_models
-from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.serving
 
@@ -39,50 +32,6 @@ def user_models(
 def _fetch(model_uri: str, dest: Path, tracking_uri: str) -> None:
     fetched = run_cli("fetch", "--model-uri", model_uri, "--dest", str(dest), env={"MLFLOW_TRACKING_URI": tracking_uri})
     assert fetched.returncode == 0, fetched.stderr
-
-
-class MlflowModelsServe:
-    """`mlflow models serve --env-manager local`: MLflow's own scoring server, the reference."""
-
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-        with log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-                 "-h", "127.0.0.1", "-p", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
-            )
-        self._log = log_path
-        try:
-            wait_until(self._ready, timeout=120, interval=0.25, message="mlflow models serve")
-        except Exception:
-            self.stop()
-            raise AssertionError(f"mlflow models serve did not start:\n{log_tail(log_path)}") from None
-
-    def _ready(self) -> bool:
-        if self._process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited:\n{log_tail(self._log)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2) as response:
-                return int(response.status) == 200
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    def invocations(self, body: Any) -> tuple[int, Any]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/invocations", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return int(response.status), json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return int(error.code), json.loads(error.read())
-
-    def stop(self) -> None:
-        stop_process_group(self._process, 30)
 
 
 class UserModel:

@@ -180,3 +180,47 @@ class ServedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class MlflowModelsServe:
+    """`mlflow models serve --env-manager local`: MLflow's own scoring server, the reference."""
+
+    def __init__(self, model_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        with log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+                 "-h", "127.0.0.1", "-p", str(self.port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
+            )
+        self._log = log_path
+        try:
+            wait_until(self._ready, timeout=120, interval=0.25, message="mlflow models serve")
+        except Exception:
+            self.stop()
+            raise AssertionError(f"mlflow models serve did not start:\n{log_tail(log_path)}") from None
+
+    def _ready(self) -> bool:
+        if self._process.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited:\n{log_tail(self._log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2) as response:
+                return int(response.status) == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def invocations(self, body: Any) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/invocations", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return int(response.status), json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return int(error.code), json.loads(error.read())
+
+    def stop(self) -> None:
+        stop_process_group(self._process, 30)
