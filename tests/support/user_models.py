@@ -150,10 +150,19 @@ def _register(client: MlflowClient, model_uri: str, name: str) -> str:
 
 def log_user_models(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
     """Log and register each model with MLflow's APIs; returns name -> `models:/N/V`."""
-    import pandas as pd
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    previous_tracking_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return _log_all(tracking_uri, onnx_variant_dir, workdir)
+    finally:
+        mlflow.set_tracking_uri(previous_tracking_uri)
+
+
+def _log_all(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
+    import pandas as pd
+
     mlflow.set_experiment("user-models")
     client = MlflowClient(tracking_uri)
     uris: dict[str, str] = {}
