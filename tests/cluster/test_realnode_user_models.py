@@ -72,7 +72,7 @@ def test_models_logged_with_mlflow_apis_serve_from_real_pods(
     assert answer.choices[0].message.content == "You said: hello from the node"
     deltas = [c.choices[0].delta.content for c in clients["chat"].chat.completions.create(
         model=_name("chat"), messages=messages, stream=True) if c.choices and c.choices[0].delta.content]  # type: ignore[arg-type]
-    assert len(deltas) == 5 and "".join(deltas) == "You said: hello from the node"
+    assert len(deltas) == 6 and "".join(deltas) == "You said: hello from the node"
     assert _invocations(base["chat"], {"messages": messages})["choices"][0]["message"]["content"] == (
         "You said: hello from the node")
 
@@ -91,5 +91,18 @@ def test_models_logged_with_mlflow_apis_serve_from_real_pods(
         ready = [c for c in pod["status"].get("conditions", []) if c["type"] == "Ready"]
         assert all(c["status"] == "False" for c in ready), pod["status"]
     assert all(ready_model(cluster, _name(kind), namespace) for kind in SERVED)
+
+    # A rollout to a version that cannot load stalls: the serving pod keeps answering.
+    serving_before = {p["metadata"]["name"] for p in serving_pods(cluster, _name("chat"), namespace)}
+    cluster.kubectl("patch", "phi3", _name("chat"), "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"model": {"uri": uris["broken"]}}}))
+    stalled = wait_until(lambda: _problem(real_path, _name("chat")), timeout=300, interval=2,
+                         message="the stalled rollout of user-chat to report ModelLoadFailed")
+    assert BROKEN_LOAD_ERROR in stalled["message"]
+    again = clients["chat"].chat.completions.create(model=_name("chat"), messages=messages)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == "You said: hello from the node"
+    ready_pods = {p["metadata"]["name"] for p in serving_pods(cluster, _name("chat"), namespace)
+                  if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+    assert ready_pods == serving_before
     for kind in (*SERVED, "broken"):
         cluster.kubectl("delete", "phi3", _name(kind), "-n", namespace, "--wait=false", check=False)

@@ -12,6 +12,7 @@ Classes are pickled by value, so the serving process needs no copy of this test 
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -152,26 +153,34 @@ def log_user_models(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) ->
     """Log and register each model with MLflow's APIs; returns name -> `models:/N/V`."""
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # MLflow's fluent API keeps its choices in the process environment (MLFLOW_EXPERIMENT_ID and more),
+    # which every later subprocess of the test session would inherit: put it back as it was.
+    saved_env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     previous_tracking_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
         return _log_all(tracking_uri, onnx_variant_dir, workdir)
     finally:
         mlflow.set_tracking_uri(previous_tracking_uri)
+        for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
+            if key not in saved_env:
+                del os.environ[key]
+        os.environ.update(saved_env)
 
 
 def _log_all(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
     import pandas as pd
 
-    mlflow.set_experiment("user-models")
     client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("user-models")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("user-models")
     uris: dict[str, str] = {}
     workdir.mkdir(parents=True, exist_ok=True)
     chat_code = workdir / "echo_chat.py"
     chat_code.write_text(CHAT_MODEL_CODE)
     agent_code = workdir / "reverse_agent.py"
     agent_code.write_text(RESPONSES_AGENT_CODE)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         # As the recipe logs it: its artifacts, its input example, its requirements.
         info = mlflow.pyfunc.log_model(
             name="phi3-recipe",
