@@ -231,7 +231,10 @@ def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Conditio
         return in_progress, desired, ready
     if desired == 0:
         return Condition("Available", "True", "ScaledToZero", "The Deployment is scaled to zero"), 0, ready
-    if updated >= desired and available >= desired:
+    total = int(status.get("replicas", 0))
+    # As `kubectl rollout status` judges it: every replica is of the new template and enough of them are
+    # available. A crash-looping new pod counts as updated, while the old pod is what is available.
+    if updated >= desired and total <= updated and available >= desired:
         return Condition("Available", "True", "MinimumReplicasAvailable",
                          f"{available}/{desired} replicas are available"), desired, ready
     for cond in status.get("conditions", []):

@@ -95,6 +95,11 @@ def test_deployment_available() -> None:
     stale = {**live, "status": {**live["status"], "observedGeneration": 1}}
     assert deployment_available(stale)[0].reason == "RolloutInProgress"
     assert deployment_available(None)[0].reason == "DeploymentMissing"
+    # A new pod that never becomes Ready counts as updated while the old pod is the one available.
+    stalled = {"metadata": {"generation": 3}, "spec": {"replicas": 1},
+               "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
+                          "readyReplicas": 1, "unavailableReplicas": 1}}
+    assert deployment_available(stalled)[0].reason == "RolloutInProgress"
 
 
 @pytest.mark.parametrize(
