@@ -46,7 +46,7 @@ binaries:
 	hack/localcluster build
 
 # The images the demo and the real-node tests push, built into buildah's layer cache (root only: buildah).
-IMAGE_LAYERS := operator mlserver-cpu mlflow
+IMAGE_LAYERS := operator mlserver-cpu mlserver-torch-cpu mlflow
 image-layers:
 	@if [ "$$(id -u)" = 0 ]; then hack/images build --no-push $(IMAGE_LAYERS); \
 	else echo "image-layers: not root, so no buildah: the images are built when the real node first needs them"; fi

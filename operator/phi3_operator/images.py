@@ -6,6 +6,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from phi3_operator.resolve import ResolvedModel
 from phi3_operator.settings import CatalogImage, OperatorSettings, normalise_package
 from phi3_operator.spec import Phi3ModelSpec
@@ -43,15 +47,54 @@ def requirement_names(requirements: Iterable[str]) -> list[str]:
 CUDA_EQUIVALENTS = {"onnxruntime-genai": "onnxruntime-genai-cuda", "onnxruntime": "onnxruntime-gpu"}
 
 
+def pin_met(specifier: SpecifierSet, version: str) -> bool:
+    """Whether a carried version meets a requirement's specifier.
+
+    MLflow pins every requirement to the logging machine's exact version (`numpy==2.4.7`), which records
+    what the model was logged with rather than what it needs; a release of the same major.minor meets
+    such a pin, another minor does not (so `torch==2.4.0` builds on an image with torch 2.15). Any other
+    specifier (`>=`, `~=`, `<`, `!=`) is taken as written."""
+    try:
+        carried = Version(version)
+    except InvalidVersion:
+        return True  # a version pip could not have installed either: the name is what we can judge
+    for clause in specifier:
+        if clause.operator == "==" and "*" not in clause.version:
+            try:
+                pinned = Version(clause.version)
+            except InvalidVersion:
+                return False
+            if (pinned.epoch, pinned.release[:2]) != (carried.epoch, carried.release[:2]):
+                return False
+        elif not clause.contains(carried, prereleases=True):
+            return False
+    return True
+
+
 def missing_packages(
     requirements: Iterable[str], carried: Mapping[str, str], target: str = "cpu"
 ) -> tuple[str, ...]:
-    def satisfied(name: str) -> bool:
-        if name in carried or name in ALWAYS_SATISFIED:
-            return True
-        return target == "cuda" and CUDA_EQUIVALENTS.get(name, "") in carried
-
-    return tuple(sorted(name for name in requirement_names(requirements) if not satisfied(name)))
+    """The packages an image with `carried` (name -> version) lacks, or carries at a version the
+    requirements rule out: what a build must install."""
+    missing: set[str] = set()
+    for line in requirements:
+        if not (names := requirement_names([line])):
+            continue
+        name = names[0]
+        if name in ALWAYS_SATISFIED:
+            continue
+        try:
+            requirement: Requirement | None = Requirement(line.split("#", 1)[0].strip())
+        except InvalidRequirement:
+            requirement = None  # pip's own syntax (an option, a URL): judge it by name alone
+        if requirement is not None and requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        found = name if name in carried else CUDA_EQUIVALENTS.get(name, "") if target == "cuda" else ""
+        if found not in carried:
+            missing.add(name)
+        elif requirement is not None and not pin_met(requirement.specifier, carried[found]):
+            missing.add(name)
+    return tuple(sorted(missing))
 
 
 def requirements_named(requirements: Iterable[str], names: Iterable[str]) -> tuple[str, ...]:
@@ -61,34 +104,39 @@ def requirements_named(requirements: Iterable[str], names: Iterable[str]) -> tup
     return tuple(line for line in requirements if (found := requirement_names([line])) and found[0] in wanted)
 
 
-def catalog_entry(catalog: Iterable[CatalogImage], flavor: str, target: str) -> CatalogImage | None:
-    entries = list(catalog)
-    for entry in entries:
-        if entry.flavor == flavor and entry.target == target:
-            return entry
-    # Our runtime loads any pyfunc, so a generic pyfunc image is a valid fallback.
-    for entry in entries:
-        if entry.flavor == "pyfunc" and entry.target == target:
-            return entry
-    return None
+def candidate_entries(catalog: Iterable[CatalogImage], flavor: str, target: str) -> list[CatalogImage]:
+    """The catalog's images for this flavor and target, in catalog order; then the generic pyfunc ones,
+    which our runtime can also load this flavor from."""
+    entries = [entry for entry in catalog if entry.target == target]
+    exact = [entry for entry in entries if entry.flavor == flavor]
+    generic = [entry for entry in entries if entry.flavor == "pyfunc" and entry not in exact]
+    return exact + generic
 
 
 def select_image(spec: Phi3ModelSpec, model: ResolvedModel, settings: OperatorSettings) -> ImageDecision:
+    """The first catalog image that carries everything the model requires; if none does, a build on
+    the first image of the model's flavor (what a smaller image plus the missing packages gives)."""
     if spec.image.override:
         return ImageDecision(image=spec.image.override, source="Override")
     target = spec.hardware.target
-    entry = catalog_entry(settings.image_catalog, model.flavor, target)
-    if entry is None:
+    candidates = candidate_entries(settings.image_catalog, model.flavor, target)
+    if not candidates:
         raise NoCompatibleImage(f"the image catalog has no {target} image for flavor {model.flavor!r}")
-    missing = missing_packages(model.requirements, entry.packages, target) if entry.packages else ()
-    if spec.image.policy == "Build" or missing:
-        if spec.image.policy == "Prebuilt":
-            raise NoCompatibleImage(
-                f"{entry.image} lacks {', '.join(missing)} required by {model.uri}; "
-                "set image.policy to Auto or Build, or image.override"
-            )
-        return ImageDecision(image="", source="Build", missing=missing, base_image=entry.image)
-    return ImageDecision(image=entry.image, source="Catalog")
+    lacking = [
+        missing_packages(model.requirements, entry.packages, target) if entry.packages else ()
+        for entry in candidates
+    ]
+    if spec.image.policy != "Build":
+        for entry, missing in zip(candidates, lacking, strict=True):
+            if not missing:
+                return ImageDecision(image=entry.image, source="Catalog")
+    entry, missing = candidates[0], lacking[0]
+    if spec.image.policy == "Prebuilt":
+        raise NoCompatibleImage(
+            f"{entry.image} lacks {', '.join(missing)} required by {model.uri}; "
+            "set image.policy to Auto or Build, or image.override"
+        )
+    return ImageDecision(image="", source="Build", missing=missing, base_image=entry.image)
 
 
 def onnx_variant(target: str, variants: Iterable[str]) -> str:

@@ -27,12 +27,24 @@ class CatalogImage:
     packages: Mapping[str, str] = field(default_factory=dict)  # normalised name -> version
 
 
+# The images each flavor can run on, in the order the operator tries them (the chart's catalog lists the
+# same, with what each carries). transformers needs torch, which only the larger torch-cpu image has on CPU.
+DEFAULT_CATALOG_IMAGES = (
+    ("onnx-genai", "cpu", "mlserver-cpu"),
+    ("transformers", "cpu", "mlserver-torch-cpu"),
+    ("pyfunc", "cpu", "mlserver-cpu"),
+    ("pyfunc", "cpu", "mlserver-torch-cpu"),
+    ("onnx-genai", "cuda", "mlserver-cuda"),
+    ("transformers", "cuda", "mlserver-cuda"),
+    ("pyfunc", "cuda", "mlserver-cuda"),
+)
+
+
 def default_catalog() -> tuple[CatalogImage, ...]:
     registry = "ghcr.io/phi3-operator"
     return tuple(
-        CatalogImage(flavor=flavor, target=target, image=f"{registry}/mlserver-{target}:{DEFAULT_RUNTIME_VERSION}")
-        for target in ("cpu", "cuda")
-        for flavor in ("onnx-genai", "transformers", "pyfunc")
+        CatalogImage(flavor=flavor, target=target, image=f"{registry}/{image}:{DEFAULT_RUNTIME_VERSION}")
+        for flavor, target, image in DEFAULT_CATALOG_IMAGES
     )
 
 

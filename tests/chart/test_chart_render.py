@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phi3_operator.settings import BUILD_ARGS, OperatorSettings
+from phi3_operator.settings import BUILD_ARGS, OperatorSettings, default_catalog
 from tests.chart.helpers import CHART_DIR, Helm
 from tests.support.cluster import REPO_ROOT
 
@@ -73,7 +73,7 @@ def test_chart_crd_is_a_byte_copy_of_the_top_level_crd() -> None:
         )
 
 
-@pytest.mark.parametrize("image", ["mlserver-cpu", "mlserver-cuda"])
+@pytest.mark.parametrize("image", ["mlserver-cpu", "mlserver-torch-cpu", "mlserver-cuda"])
 def test_chart_catalog_reads_what_the_runtime_images_install(image: str, helm: Helm) -> None:
     source = REPO_ROOT / "images" / image / "packages.txt"
     copy = CHART_DIR / "files" / f"{image}.packages.txt"
@@ -217,9 +217,10 @@ def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
     assert settings.max_workers == 4
     assert settings.model_registry == "registry.local:5000/ml"
     assert settings.plain_http("registry.local:5000/ml/phi3-models/m") and not settings.plain_http("ghcr.io/x")
-    assert {(c.flavor, c.target) for c in settings.image_catalog} == {
-        (flavor, target) for flavor in ("onnx-genai", "transformers", "pyfunc") for target in ("cpu", "cuda")
-    }
+    # The chart's catalog is the operator's default one, in the same order (the order is the preference).
+    assert [(c.flavor, c.target, c.image) for c in settings.image_catalog] == [
+        (c.flavor, c.target, c.image) for c in default_catalog()
+    ]
     for entry, source in zip(settings.image_catalog, values["imageCatalog"], strict=True):
         assert entry.image == source["image"]
         listed = (CHART_DIR / source["packagesFile"]).read_text().splitlines()

@@ -13,8 +13,10 @@ import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES = REPO_ROOT / "images"
-PROJECT_IMAGES = ("operator", "mlserver-cpu", "mlserver-cuda")
+PROJECT_IMAGES = ("operator", "mlserver-cpu", "mlserver-torch-cpu", "mlserver-cuda")
 NAMES = (*PROJECT_IMAGES, "mlflow")
+# torch's own dependencies that are plain Python (sympy for shapes, networkx and jinja2 for its compiler).
+TORCH_PURE_DEPS = {"sympy", "mpmath", "networkx", "jinja2", "markupsafe"}
 PIN = re.compile(r"^([a-z0-9][a-z0-9-]*)==([A-Za-z0-9.+!-]+)$")
 
 
@@ -83,6 +85,7 @@ def test_packages_carry_the_project_and_its_pins(name: str) -> None:
     wanted = exact_pins(extras["operator"] if name == "operator" else extras["serving"])  # type: ignore[index]
     if name == "mlserver-cuda":
         wanted["onnxruntime-genai-cuda"] = wanted.pop("onnxruntime-genai")
+    if name in ("mlserver-cuda", "mlserver-torch-cpu"):
         wanted["torch"] = exact_pins(extras["dev"])["torch"]  # type: ignore[index]
     for package, version in wanted.items():
         assert carried.get(package) == version, f"{name} carries {package}=={carried.get(package)}, want {version}"
@@ -110,3 +113,23 @@ def test_runtime_images_differ_only_where_they_should() -> None:
     assert "torch" not in cpu
     shared = set(cpu) & set(cuda)
     assert {"mlserver", "mlflow-skinny", "transformers"} <= shared
+
+
+def test_the_torch_cpu_image_is_the_cpu_image_plus_torch_and_what_it_links() -> None:
+    cpu, torch = packages("mlserver-cpu"), packages("mlserver-torch-cpu")
+    assert {name: torch.get(name) for name in cpu} == cpu, "mlserver-torch-cpu must keep mlserver-cpu's pins"
+    added = set(torch) - set(cpu)
+    assert "torch" in added and "nvidia-cuda-runtime" in added and "nvidia-cudnn-cu13" in added
+    assert all(name.startswith(("nvidia-", "cuda-")) or name in TORCH_PURE_DEPS for name in added - {"torch"}), added
+
+
+def test_the_torch_cpu_image_leaves_out_only_what_its_pip_check_allows() -> None:
+    sys.path.insert(0, str(IMAGES))
+    try:
+        from lock_packages import LEFT_OUT
+    finally:
+        sys.path.remove(str(IMAGES))
+    dockerfile = (IMAGES / "mlserver-torch-cpu" / "Dockerfile").read_text()
+    allowed = set(re.findall(r"requires (\S+), which is not installed", dockerfile))
+    assert allowed == set(LEFT_OUT["mlserver-torch-cpu"])
+    assert not allowed & set(packages("mlserver-torch-cpu"))

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from phi3_operator.images import (
+    ImageDecision,
     NoCompatibleImage,
     missing_packages,
     onnx_variant,
@@ -164,3 +165,33 @@ def test_onnx_variant() -> None:
     assert onnx_variant("cuda", ["cpu-int4", "cuda-fp16", "cuda-int4"]) == "cuda-int4"
     assert onnx_variant("cpu", ["cpu-fp32"]) == "cpu-fp32"
     assert onnx_variant("cuda", []) == "cuda-int4"
+
+
+def test_mlflow_exact_pins_are_met_within_the_same_minor_and_other_specifiers_as_written() -> None:
+    carried = {"torch": "2.15.0", "numpy": "2.4.6", "pandas": "3.1.1"}
+    assert missing_packages(["torch==2.15.1", "numpy==2.4.7", "pandas>=3"], carried) == ()
+    assert missing_packages(["torch==2.4.0", "numpy<2", "pandas!=3.1.1"], carried) == ("numpy", "pandas", "torch")
+    assert missing_packages(["torch==2.15.*", "numpy~=2.4.0"], carried) == ()
+    assert missing_packages(["torch==2.16.*"], carried) == ("torch",)
+    # A requirement for another platform does not apply; one pip reads but packaging cannot is judged by name.
+    assert missing_packages(['pywin32==306; sys_platform == "win32"', "--extra-index-url x", "numpy"], carried) == ()
+
+
+def test_the_first_catalog_image_that_carries_the_requirements_wins() -> None:
+    small = parse_catalog_entry({"flavor": "pyfunc", "target": "cpu", "image": "small",
+                                 "packages": ["numpy==2.4.6", "onnxruntime-genai==0.18.0"]})
+    torch = parse_catalog_entry({"flavor": "pyfunc", "target": "cpu", "image": "torch",
+                                 "packages": ["numpy==2.4.6", "onnxruntime-genai==0.18.0", "torch==2.15.0"]})
+    transformers = parse_catalog_entry({"flavor": "transformers", "target": "cpu", "image": "torch",
+                                        "packages": ["torch==2.15.0", "transformers==5.23.0"]})
+    settings = OperatorSettings(image_catalog=(small, transformers, torch))
+    recipe = ResolvedModel(uri="models:/recipe/1", requirements=("torch", "onnxruntime_genai", "numpy"))
+    assert select_image(parse_spec(BASE), recipe, settings) == ImageDecision(image="torch", source="Catalog")
+    plain = ResolvedModel(uri="models:/plain/1", requirements=("numpy==2.4.6",))
+    assert select_image(parse_spec(BASE), plain, settings).image == "small"
+    pipeline = ResolvedModel(uri="models:/chat/1", flavor="transformers", requirements=("torch==2.15.0",))
+    assert select_image(parse_spec(BASE), pipeline, settings).image == "torch"
+    # No image meets an old torch pin: build on the model's own flavor's first image.
+    old = ResolvedModel(uri="models:/old/1", flavor="transformers", requirements=("torch==2.4.0",))
+    decision = select_image(parse_spec(BASE), old, settings)
+    assert (decision.source, decision.base_image, decision.missing) == ("Build", "torch", ("torch",))
