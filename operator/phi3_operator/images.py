@@ -90,9 +90,8 @@ def missing_packages(
         if requirement is not None and requirement.marker is not None and not requirement.marker.evaluate():
             continue
         found = name if name in carried else CUDA_EQUIVALENTS.get(name, "") if target == "cuda" else ""
-        if found not in carried:
-            missing.add(name)
-        elif requirement is not None and not pin_met(requirement.specifier, carried[found]):
+        met = found in carried and (requirement is None or pin_met(requirement.specifier, carried[found]))
+        if not met:
             missing.add(name)
     return tuple(sorted(missing))
 
