@@ -6,7 +6,9 @@ cluster, builds the tiny Phi-3 model and packages it into MLflow with the alias 
 the operator with its Helm chart (model images go to the cluster's registry), applies
 examples/phi3-cpu.yaml, and asks the model through its Service with the openai SDK, streaming. The
 operator publishes the model version once as an OCI image and the pod mounts it as an image volume.
-Then it moves the alias and shows the rollout to a new pod.
+Then it moves the alias and shows the rollout to a new pod. Last, it logs the Phi-3 + MLflow recipe's
+two paths with MLflow's own APIs (a transformers pipeline with task llm/v1/chat, and the recipe's
+onnxruntime-genai PythonModel) and serves them from the catalog's images.
 `--down` stops everything the demo started.
 """
 
@@ -33,12 +35,16 @@ from tests.support.realnode import (  # noqa: E402
     NODE_SELECTOR,
     NODE_TOLERATION,
     build_images,
+    model_manifest,
     on_real_node,
     pod_start_phases,
+    ready_model,
     service_base_url,
     serving_pods,
 )
 from tests.support.wait import wait_until  # noqa: E402
+
+from phi3_operator.settings import DEFAULT_CATALOG_IMAGES  # noqa: E402
 
 STATE = Path(os.environ.get("PHI3_DEMO_DIR", Path.home() / ".cache" / "phi3-operator" / "demo"))
 NAMESPACE = "phi3-demo"
@@ -136,9 +142,10 @@ def operator_values(images: dict[str, str]) -> dict[str, Any]:
             "resyncIntervalSeconds": 10, "modelRefreshIntervalSeconds": 5,
             # Model versions are published once to the node's registry and mounted as image volumes.
             "modelRegistry": MODEL_REGISTRY, "plainHttpRegistries": [MODEL_REGISTRY.split("/", maxsplit=1)[0]],
-            "imageCatalog": [{"flavor": flavor, "target": "cpu", "image": images["mlserver-cpu"],
-                              "packagesFile": "files/mlserver-cpu.packages.txt"}
-                             for flavor in ("onnx-genai", "transformers", "pyfunc")],
+            # The chart's own CPU catalog, naming the images just built.
+            "imageCatalog": [{"flavor": flavor, "target": target, "image": images[image],
+                              "packagesFile": f"files/{image}.packages.txt"}
+                             for flavor, target, image in DEFAULT_CATALOG_IMAGES if target == "cpu"],
         },
     }
 
@@ -205,6 +212,47 @@ def describe_pods(cluster: Cluster) -> None:
              + ", ".join(f"{name} +{seconds:.0f}s" for name, seconds in phases.items()))
 
 
+USER_MODELS = ("recipe-pipeline", "recipe-pyfunc")
+
+
+def serve_user_models(cluster: Cluster, tracking_uri: str, hf_dir: Path, onnx_variant_dir: Path) -> None:
+    """The Phi-3 + MLflow recipe's two paths, logged with MLflow's own APIs (not our packager), served
+    from the catalog with no image named."""
+    from openai import OpenAI
+    from tests.support.user_models import RECIPE_PROMPT, log_recipe_model, log_recipe_pipeline
+
+    step("Logging the recipe's two paths with MLflow's own APIs: a transformers pipeline "
+         "(mlflow.transformers.log_model, task llm/v1/chat) and its onnxruntime-genai PythonModel")
+    uris = {"recipe-pipeline": log_recipe_pipeline(tracking_uri, hf_dir, name="recipe-pipeline"),
+            "recipe-pyfunc": log_recipe_model(tracking_uri, onnx_variant_dir, name="recipe-pyfunc")}
+    for name, uri in uris.items():
+        info(f"registered {uri}")
+        manifest = model_manifest(name, uri, IN_CLUSTER_TRACKING_URI)
+        cluster.apply(manifest, NAMESPACE)
+    info("applied a Phi3Model for each, with no image: the operator picks one from its catalog")
+    for name in USER_MODELS:
+        wait_until(lambda name=name: ready_model(cluster, name, NAMESPACE), timeout=900, interval=3,
+                   message=f"{name} to be Ready")
+    info(cluster.kubectl("get", "phi3", "-n", NAMESPACE).stdout.strip().replace("\n", "\n    "))
+    for name in USER_MODELS:
+        image = next(c for c in cluster.get("phi3", name, NAMESPACE)["status"]["conditions"]
+                     if c["type"] == "ImageReady")["message"]
+        (pod,) = [p for p in serving_pods(cluster, name, NAMESPACE) if not p["metadata"].get("deletionTimestamp")]
+        phases = pod_start_phases(pod)
+        info(f"{name}: {image}; pod Ready {phases.get('ready', 0):.0f}s after it was created")
+
+    pipeline = OpenAI(base_url=f"{service_base_url(cluster, 'recipe-pipeline', NAMESPACE)}/v1", api_key="not-needed",
+                      max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "Hello from the recipe"}]
+    chunks = [c.choices[0].delta.content for c in pipeline.chat.completions.create(
+        model="recipe-pipeline", messages=question, stream=True) if c.choices and c.choices[0].delta.content]  # type: ignore[arg-type]
+    info(f"recipe-pipeline, chat streamed in {len(chunks)} chunks: {''.join(chunks)!r}")
+    pyfunc = OpenAI(base_url=f"{service_base_url(cluster, 'recipe-pyfunc', NAMESPACE)}/v1", api_key="not-needed",
+                    max_retries=0, timeout=120)
+    completion = pyfunc.completions.create(model="recipe-pyfunc", prompt=RECIPE_PROMPT)
+    info(f"recipe-pyfunc, completions: {completion.choices[0].text!r}")
+
+
 def up() -> None:
     STATE.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -215,9 +263,9 @@ def up() -> None:
     info(out)
     info(cluster.kubectl("get", "nodes", "-o", "wide").stdout.strip().replace("\n", "\n    "))
 
-    step("Building images/operator, images/mlserver-cpu and images/mlflow with buildah, pushing to the cluster's "
-         "registry")
-    images = build_images("operator", "mlserver-cpu", "mlflow")
+    step("Building images/operator, images/mlserver-cpu, images/mlserver-torch-cpu and images/mlflow with buildah, "
+         "pushing to the cluster's registry")
+    images = build_images("operator", "mlserver-cpu", "mlserver-torch-cpu", "mlflow")
     for name, ref in images.items():
         info(f"{name}: {ref}")
 
@@ -290,6 +338,8 @@ def up() -> None:
     for event in json.loads(events)["items"][-1:]:
         info(f"event ModelVersionChanged: {event['message']}")
     ask(base_url, "And now?")
+
+    serve_user_models(cluster, tracking_uri, tiny.hf_dir, tiny.variant_dir("cpu-int4"))
 
     print(f"\nDemo finished in {time.monotonic() - started:.0f}s. Everything is still running, so you can look:")
     print(f"  eval \"$({REPO / 'hack' / 'localcluster'} env)\"   # PATH with the cached kubectl and helm, KUBECONFIG")

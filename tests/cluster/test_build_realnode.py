@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.cluster import REPO_ROOT, Cluster
+from tests.support.cluster import Cluster
 from tests.support.mlflow_server import free_port
 from tests.support.operator import OperatorProcess, operator_env
 from tests.support.realnode import (
@@ -32,6 +32,7 @@ from tests.support.realnode import (
     NODE_NAME,
     RealPath,
     build_images,
+    catalog_packages,
     diagnose,
     model_manifest,
     ready_model,
@@ -92,11 +93,6 @@ def package_index(root: Path) -> Iterator[tuple[str, Path]]:
         server.wait(timeout=10)
 
 
-def catalog_packages() -> list[str]:
-    lines = (REPO_ROOT / "images" / "mlserver-cpu" / "packages.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
 @pytest.fixture(scope="module")
 def build_operator(real_path: RealPath, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[tuple[OperatorProcess, Path]]:
@@ -113,7 +109,7 @@ def build_operator(real_path: RealPath, operator: OperatorProcess, tmp_path_fact
             "buildArgs": {"PIP_INDEX_URL": index_url, "PIP_TRUSTED_HOST": index_url.split("/")[2]},
             "plainHttpRegistries": [f"{BRIDGE_ADDRESS}:5000"],
             "imageCatalog": [{"flavor": "onnx-genai", "target": "cpu", "image": real_path.images["mlserver-cpu"],
-                              "packages": catalog_packages()}],
+                              "packages": catalog_packages("mlserver-cpu")}],
         }))
         operator.stop()
         stack.callback(operator.start)

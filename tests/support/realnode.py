@@ -38,6 +38,12 @@ def build_images(*names: str) -> dict[str, str]:
     return refs
 
 
+def catalog_packages(image: str) -> list[str]:
+    """What images/<image>/packages.txt says the image carries: a catalog entry's `packages`."""
+    lines = (REPO_ROOT / "images" / image / "packages.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def on_real_node(manifest: dict[str, Any]) -> dict[str, Any]:
     """A Phi3Model (or pod spec holder) placed on the real node: its label and its taint's toleration."""
     placed = copy.deepcopy(manifest)

@@ -5,16 +5,19 @@
 - a `ChatModel` with `predict_stream`, and a `ResponsesAgent` with `predict_stream`, both logged
   as models-from-code, the way MLflow 3 recommends;
 - `TabularModel`: a plain DataFrame-in, DataFrame-out pyfunc;
-- `BrokenModel`: its `load_context` raises, as a model with a missing file or package does.
+- `BrokenModel`: its `load_context` raises, as a model with a missing file or package does;
+- the recipe's transformers pipeline, `mlflow.transformers.log_model(task="llm/v1/chat")`.
 
 Classes are pickled by value, so the serving process needs no copy of this test module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from mlflow.models import infer_signature
 
 RECIPE_PROMPT = "<|user|>\nTell me a story<|end|>\n<|assistant|>"
 RECIPE_NEW_TOKENS = 12
+PIPELINE_NEW_TOKENS = 8
 BROKEN_LOAD_ERROR = "the model's weights file weights.bin is missing"
 
 
@@ -149,17 +153,16 @@ def _register(client: MlflowClient, model_uri: str, name: str) -> str:
     return f"models:/{name}/{version.version}"
 
 
-def log_user_models(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
-    """Log and register each model with MLflow's APIs; returns name -> `models:/N/V`."""
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # MLflow's fluent API keeps its choices in the process environment (MLFLOW_EXPERIMENT_ID and more),
-    # which every later subprocess of the test session would inherit: put it back as it was.
+@contextlib.contextmanager
+def _mlflow_session(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `tracking_uri`. It keeps its choices in the process environment
+    (MLFLOW_EXPERIMENT_ID and more), which every later subprocess of the test session would inherit:
+    they are put back as they were."""
     saved_env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     previous_tracking_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        return _log_all(tracking_uri, onnx_variant_dir, workdir)
+        yield
     finally:
         mlflow.set_tracking_uri(previous_tracking_uri)
         for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
@@ -168,12 +171,78 @@ def log_user_models(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) ->
         os.environ.update(saved_env)
 
 
+def _experiment(client: MlflowClient) -> str:
+    experiment = client.get_experiment_by_name("user-models")
+    return experiment.experiment_id if experiment else client.create_experiment("user-models")
+
+
+def log_user_models(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
+    """Log and register each model with MLflow's APIs; returns name -> `models:/N/V`."""
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with _mlflow_session(tracking_uri):
+        return _log_all(tracking_uri, onnx_variant_dir, workdir)
+
+
+def log_recipe_model(tracking_uri: str, onnx_variant_dir: Path, name: str = "user-recipe") -> str:
+    """The recipe's PythonModel alone, registered as `name`; returns `models:/N/V`."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with _mlflow_session(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        with mlflow.start_run(experiment_id=_experiment(client)):
+            return _log_recipe_model(client, onnx_variant_dir, name)
+
+
+def _log_recipe_model(client: MlflowClient, onnx_variant_dir: Path, name: str) -> str:
+    # As the recipe logs it: its artifacts, its input example, its requirements.
+    info = mlflow.pyfunc.log_model(
+        name="phi3-recipe",
+        python_model=RecipePhi3Model(),
+        artifacts={"phi3-mini-onnx": str(onnx_variant_dir)},
+        input_example={"prompt": RECIPE_PROMPT},
+        # Given, not inferred: MLflow 3 infers it by loading the model into this very instance, and an
+        # og.Model attribute then cannot be pickled.
+        signature=infer_signature({"prompt": RECIPE_PROMPT}, "an answer"),
+        extra_pip_requirements=["torch", "onnxruntime_genai", "numpy"],
+    )
+    return _register(client, info.model_uri, name)
+
+
+def log_recipe_pipeline(tracking_uri: str, hf_dir: Path, name: str = "user-pipeline",
+                        torch_pin: str | None = None) -> str:
+    """The recipe's transformers path: a text-generation pipeline logged with
+    `mlflow.transformers.log_model(task="llm/v1/chat", model_config=...)`; returns `models:/N/V`.
+
+    The requirements are what MLflow records for it (mlflow, torch, transformers at this machine's
+    versions), given rather than inferred only because MLflow's inference imports torchvision, which
+    this machine lacks. `torch_pin` records another torch version instead, as a model logged elsewhere has."""
+    import mlflow.transformers
+    import torch
+    import transformers
+
+    # Never ask the Hub about a local folder (MLflow retries for about 50 s).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pipeline = transformers.pipeline("text-generation", model=str(hf_dir), tokenizer=str(hf_dir))
+    torch_version = torch_pin or torch.__version__.split("+")[0]
+    with _mlflow_session(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        with mlflow.start_run(experiment_id=_experiment(client)):
+            info = mlflow.transformers.log_model(
+                transformers_model=pipeline,
+                name="phi3-chat",
+                task="llm/v1/chat",
+                model_config={"max_new_tokens": PIPELINE_NEW_TOKENS, "do_sample": False},
+                input_example={"messages": [{"role": "user", "content": "hello"}]},
+                pip_requirements=[f"torch=={torch_version}", f"transformers=={transformers.__version__}"],
+            )
+        return _register(client, info.model_uri, name)
+
+
 def _log_all(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[str, str]:
     import pandas as pd
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("user-models")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("user-models")
+    experiment_id = _experiment(client)
     uris: dict[str, str] = {}
     workdir.mkdir(parents=True, exist_ok=True)
     chat_code = workdir / "echo_chat.py"
@@ -181,18 +250,7 @@ def _log_all(tracking_uri: str, onnx_variant_dir: Path, workdir: Path) -> dict[s
     agent_code = workdir / "reverse_agent.py"
     agent_code.write_text(RESPONSES_AGENT_CODE)
     with mlflow.start_run(experiment_id=experiment_id):
-        # As the recipe logs it: its artifacts, its input example, its requirements.
-        info = mlflow.pyfunc.log_model(
-            name="phi3-recipe",
-            python_model=RecipePhi3Model(),
-            artifacts={"phi3-mini-onnx": str(onnx_variant_dir)},
-            input_example={"prompt": RECIPE_PROMPT},
-            # Given, not inferred: MLflow 3 infers it by loading the model into this very instance, and an
-            # og.Model attribute then cannot be pickled.
-            signature=infer_signature({"prompt": RECIPE_PROMPT}, "an answer"),
-            extra_pip_requirements=["torch", "onnxruntime_genai", "numpy"],
-        )
-        uris["recipe"] = _register(client, info.model_uri, "user-recipe")
+        uris["recipe"] = _log_recipe_model(client, onnx_variant_dir, "user-recipe")
         info = mlflow.pyfunc.log_model(
             name="echo-chat",
             python_model=str(chat_code),
