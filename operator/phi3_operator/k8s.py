@@ -32,6 +32,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Event"): "events",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("batch/v1", "Job"): "jobs",
     ("phi3.ai/v1alpha1", "Phi3Model"): "phi3models",
     ("coordination.k8s.io/v1", "Lease"): "leases",

@@ -41,7 +41,8 @@ from phi3_operator.workqueue import Retry
 logger = logging.getLogger(__name__)
 
 BUILD_POLL_S = 10.0
-OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"))
+OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
+                     ("networking.k8s.io/v1", "NetworkPolicy"))
 
 
 ModelKey = tuple[str, str]  # (namespace, name)
@@ -431,6 +432,17 @@ class _Pass:
             return self.hold_for_build(conditions, delivered, retry_after, model.as_status(spec.model.uri))
         conditions.append(delivered)
 
+        if (problem := self.api_keys_problem(spec)) is not None:
+            live = self.r.api.get(ObjectKey("apps/v1", "Deployment", self.owner.namespace, self.owner.name))
+            _, replicas, ready = self.r.serving_condition(live)
+            if live is not None:
+                problem += "; the running pods keep the keys they have"
+            failing = self.fail([*conditions, Condition("Available", "False", "ApiKeysUnavailable", problem)],
+                                model=model.as_status(spec.model.uri), image=image, replicas=replicas,
+                                ready_replicas=ready)
+            # Secrets are not watched: look again each refresh interval.
+            return Outcome(requeue_after=refresh_s, message=failing.message)
+
         ctx = BuildContext(
             owner=self.owner,
             spec=spec,
@@ -440,6 +452,7 @@ class _Pass:
             onnx_variant=onnx_variant(spec.hardware.target, model.variants),
             model_image=str(delivery.get("image", "")),
             model_size_bytes=int(delivery.get("sizeBytes", 0)),
+            monitoring_peers=self.r.settings.monitoring_peers,
         )
         deployment = self.apply_children(ctx)
 
@@ -453,7 +466,8 @@ class _Pass:
                 conditions=conditions,
                 model=model.as_status(spec.model.uri),
                 image=image,
-                endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port),
+                endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port,
+                                       spec.auth.api_key_secret if spec.auth else None),
                 replicas=replicas,
                 ready_replicas=ready,
                 delivery=delivery,
@@ -465,6 +479,21 @@ class _Pass:
         self.warn_once(resolution)
         # Serving the last resolved version while resolution fails is a planned wait, not a failure.
         return Outcome(requeue_after=refresh_s, message=resolution.message)
+
+    def api_keys_problem(self, spec: Phi3ModelSpec) -> str | None:
+        """Why spec.auth's Secret cannot serve as API keys, or None. Only counts keys: never a value."""
+        if spec.auth is None:
+            return None
+        name = spec.auth.api_key_secret
+        try:
+            keys = self.r.api.read_secret(self.owner.namespace, name)
+        except KubeError as error:
+            if error.status not in (403, 404):
+                raise
+            return f"the Secret {name} in auth.apiKeySecretRef does not exist or the operator may not read it"
+        if not any(value.strip() for value in keys.values()):
+            return f"the Secret {name} in auth.apiKeySecretRef holds no key"
+        return None
 
     def credentials(self, spec: Phi3ModelSpec) -> dict[str, str]:
         if not spec.model.credentials_secret:

@@ -48,6 +48,11 @@ def default_catalog() -> tuple[CatalogImage, ...]:
     )
 
 
+DEFAULT_MONITORING_PEERS: tuple[Mapping[str, Any], ...] = (
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+)
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     default_tracking_uri: str = "http://mlflow.mlflow.svc:5000"
@@ -62,6 +67,9 @@ class OperatorSettings:
     model_registry: str = ""
     # Registries (host:port) spoken to over plain HTTP, e.g. a cluster-local one; every other is HTTPS.
     plain_http_registries: tuple[str, ...] = ()
+    # Who may scrape a model's metrics port where spec.network writes a NetworkPolicy: NetworkPolicy
+    # `from` peers. The default is the conventional monitoring namespace.
+    monitoring_peers: tuple[Mapping[str, Any], ...] = DEFAULT_MONITORING_PEERS
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -102,10 +110,23 @@ class OperatorSettings:
             max_workers=int(raw.get("maxWorkers", defaults.max_workers)),
             model_registry=str(env.get("PHI3_MODEL_REGISTRY", raw.get("modelRegistry") or defaults.model_registry)),
             plain_http_registries=tuple(str(r) for r in raw.get("plainHttpRegistries") or ()),
+            monitoring_peers=parse_monitoring_peers(raw.get("monitoring", defaults.monitoring_peers)),
         )
 
     def plain_http(self, image_or_registry: str) -> bool:
         return image_or_registry.split("/", maxsplit=1)[0] in self.plain_http_registries
+
+
+def parse_monitoring_peers(raw: Any) -> tuple[Mapping[str, Any], ...]:
+    """config.monitoring: a list of NetworkPolicy peers, each with a namespaceSelector and/or podSelector."""
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError("config.monitoring must be a list of NetworkPolicy peers")
+    peers = []
+    for peer in raw:
+        if not isinstance(peer, Mapping) or not peer or set(peer) - {"namespaceSelector", "podSelector"}:
+            raise ValueError(f"config.monitoring: {peer!r} must have a namespaceSelector, a podSelector or both")
+        peers.append(dict(peer))
+    return tuple(peers)
 
 
 def parse_build_args(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

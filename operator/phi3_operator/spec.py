@@ -109,6 +109,9 @@ FIELDS: tuple[Field, ...] = (
     # top_p = 0 would keep no token at all: the runtime refuses it, so the CRD must too.
     Field("generation.topP", "number", 1.0, minimum=0, maximum=1, exclusive_minimum=True, env="PHI3_TOP_P"),
     Field("serving.maxBatchSize", "integer", None, minimum=1, maximum=256, env="PHI3_MAX_BATCH_SIZE"),
+    # None: the runtime derives both from what it serves (the model's context, the engine's concurrency).
+    Field("serving.maxRequestBytes", "integer", None, minimum=1024, maximum=1 << 30, env="PHI3_MAX_REQUEST_BYTES"),
+    Field("serving.maxQueuedRequests", "integer", None, minimum=0, maximum=100000, env="PHI3_MAX_QUEUED_REQUESTS"),
     Field("service.type", "string", "ClusterIP", enum=("ClusterIP", "NodePort", "LoadBalancer")),
     Field("service.port", "integer", 8080, minimum=1, maximum=65535),
 )
@@ -135,6 +138,11 @@ RULES: tuple[Rule, ...] = (
     Rule("disruptionBudget", "has(self.minAvailable) != has(self.maxUnavailable)",
          "disruptionBudget needs exactly one of minAvailable or maxUnavailable",
          lambda b: ("minAvailable" in b) != ("maxUnavailable" in b)),
+    # An empty peer would admit every pod in the namespace, which nobody means by listing it.
+    Rule("network", "!has(self.allowFrom) || self.allowFrom.all(p, has(p.namespaceSelector) || has(p.podSelector))",
+         "each network.allowFrom entry needs a namespaceSelector, a podSelector or both",
+         lambda n: all(isinstance(p, Mapping) and ("namespaceSelector" in p or "podSelector" in p)
+                       for p in n.get("allowFrom") or ())),
 )
 
 
@@ -191,6 +199,30 @@ class Generation:
 class Serving:
     # None leaves the batch size to the engine, which knows its hardware's default.
     max_batch_size: int | None = None
+    max_request_bytes: int | None = None
+    max_queued_requests: int | None = None
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who may call the model: every key of this Secret is a valid `Authorization: Bearer` key."""
+
+    api_key_secret: str
+
+
+@dataclass(frozen=True)
+class NetworkPeer:
+    """One NetworkPolicy `from` peer: Kubernetes label selectors, kept as the user wrote them."""
+
+    namespace_selector: Mapping[str, Any] | None = None
+    pod_selector: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Network:
+    """Set, the operator writes a NetworkPolicy: the serving port admits only these peers."""
+
+    allow_from: tuple[NetworkPeer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,8 @@ class Phi3ModelSpec:
     generation: Generation = Generation()
     service: ServiceSpec = ServiceSpec()
     serving: Serving = Serving()
+    auth: Auth | None = None
+    network: Network | None = None
 
 
 def _at(raw: Mapping[str, Any], path: str) -> Any:
@@ -299,5 +333,29 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
         resources=dict(raw.get("resources") or {}),
         generation=generation,
         service=ServiceSpec(type=value_of(raw, "service.type"), port=value_of(raw, "service.port")),
-        serving=Serving(max_batch_size=value_of(raw, "serving.maxBatchSize")),
+        serving=Serving(max_batch_size=value_of(raw, "serving.maxBatchSize"),
+                        max_request_bytes=value_of(raw, "serving.maxRequestBytes"),
+                        max_queued_requests=value_of(raw, "serving.maxQueuedRequests")),
+        auth=_auth(raw),
+        network=_network(raw),
     )
+
+
+def _auth(raw: Mapping[str, Any]) -> Auth | None:
+    secret = _at(raw, "auth.apiKeySecretRef.name")
+    if secret is None:
+        return None
+    if not isinstance(secret, str) or not secret:
+        raise SpecError("spec.auth.apiKeySecretRef.name must name a Secret")
+    return Auth(api_key_secret=secret)
+
+
+def _network(raw: Mapping[str, Any]) -> Network | None:
+    network = raw.get("network")
+    if network is None:
+        return None
+    peers = []
+    for peer in network.get("allowFrom") or ():
+        peers.append(NetworkPeer(namespace_selector=peer.get("namespaceSelector"),
+                                 pod_selector=peer.get("podSelector")))
+    return Network(allow_from=tuple(peers))

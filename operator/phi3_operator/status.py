@@ -98,6 +98,9 @@ REASON_TABLE: tuple[Reason, ...] = (
     Reason("ModelLoadFailed", "Available", "terminal", "Failed",
            "the model's own code raised while loading (`load_context`, a missing package or file); the message "
            "quotes the error's last line. A serving version keeps serving: the rollout stalls"),
+    Reason("ApiKeysUnavailable", "Available", "terminal", "Failed",
+           "the Secret in `auth.apiKeySecretRef` does not exist, holds no key, or the operator may not read it: "
+           "nothing new is rolled out until it does (looked at every model refresh interval)"),
     Reason("RuntimeCrashLoop", "Available", "terminal", "Failed",
            "the runtime container keeps exiting (the message quotes its last words): "
            "`kubectl logs deploy/<name> -c runtime --previous`"),
@@ -295,11 +298,15 @@ def status_changed(current: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return any(current.get(key) != value for key, value in new.items())
 
 
-def endpoint_urls(name: str, namespace: str, port: int) -> dict[str, str]:
+def endpoint_urls(name: str, namespace: str, port: int, api_key_secret: str | None = None) -> dict[str, str]:
     base = f"http://{name}.{namespace}.svc:{port}"
-    return {
+    urls = {
         "url": base,
         "chatCompletions": f"{base}/v1/chat/completions",
         "v2Infer": f"{base}/v2/models/{name}/infer",
         "invocations": f"{base}/invocations",
     }
+    if api_key_secret:
+        # Names where the keys are, never a key.
+        urls["authorization"] = f"Bearer: a key from Secret {namespace}/{api_key_secret}"
+    return urls

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phi3_operator.settings import BUILD_ARGS, OperatorSettings, default_catalog
+from phi3_operator.settings import BUILD_ARGS, DEFAULT_MONITORING_PEERS, OperatorSettings, default_catalog
 from tests.chart.helpers import CHART_DIR, Helm
 from tests.support.cluster import REPO_ROOT
 
@@ -52,6 +52,7 @@ EXPECTED_NAMESPACED_RULES = {
     ("", "pods"): {"list"},
     ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "delete"},
     ("", "events"): {"create"},
     ("events.k8s.io", "events"): {"create"},
     ("", "secrets"): {"get"},
@@ -207,8 +208,11 @@ def test_config_map_is_what_the_operator_reads(helm: Helm) -> None:
                          "--set", "config.buildArgs.PIP_INDEX_URL=http://pypi.local/simple")
     raw = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
     assert set(raw) == {"defaultTrackingUri", "resyncIntervalSeconds", "modelRefreshIntervalSeconds", "builderImage",
-                        "buildArgs", "maxWorkers", "imageCatalog", "modelRegistry", "plainHttpRegistries"}
+                        "buildArgs", "maxWorkers", "imageCatalog", "modelRegistry", "plainHttpRegistries",
+                        "monitoring"}
     settings = OperatorSettings.from_mapping(raw, env={})
+    # The chart's default is the operator's own.
+    assert settings.monitoring_peers == DEFAULT_MONITORING_PEERS
     assert settings.build_args == (("PIP_INDEX_URL", "http://pypi.local/simple"),)
     assert settings.default_tracking_uri == values["defaultTrackingUri"]
     assert settings.resync_interval_s == 30.0

@@ -125,3 +125,58 @@ def test_max_batch_size_reaches_the_runtime_only_when_set() -> None:
 def test_max_batch_size_out_of_range_is_a_spec_error(value: object) -> None:
     with pytest.raises(SpecError, match="maxBatchSize"):
         context(serving={"maxBatchSize": value})
+
+
+def test_api_keys_are_a_mounted_secret_never_env() -> None:
+    deployment = build_children(context(auth={"apiKeySecretRef": {"name": "phi3-keys"}}))[0]
+    pod = deployment["spec"]["template"]["spec"]
+    runtime = pod["containers"][0]
+    env = {e["name"]: e for e in runtime["env"]}
+    assert env["PHI3_API_KEYS_DIR"]["value"] == "/var/run/secrets/phi3.ai/api-keys"
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in runtime["env"])
+    mount = next(m for m in runtime["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/var/run/secrets/phi3.ai/api-keys", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {"secretName": "phi3-keys", "defaultMode": 0o440}
+    # The fetch init container needs no key.
+    assert all(m["name"] != "api-keys" for m in pod["initContainers"][0]["volumeMounts"])
+    plain = build_children(context())[0]["spec"]["template"]["spec"]
+    assert all(v["name"] != "api-keys" for v in plain["volumes"])
+    assert "PHI3_API_KEYS_DIR" not in {e["name"] for e in plain["containers"][0]["env"]}
+
+
+def test_network_policy_admits_the_peers_to_serving_and_monitoring_to_metrics() -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"team": "apps"}}},
+             {"podSelector": {"matchLabels": {"role": "gateway"}}}]
+    monitoring = ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},)
+    ctx = context(network={"allowFrom": peers})
+    ctx = BuildContext(**{**ctx.__dict__, "monitoring_peers": monitoring})
+    assert kinds(ctx) == ["Deployment", "Service", "NetworkPolicy"]
+    policy = build_children(ctx)[-1]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "phi3-model",
+                                                   "app.kubernetes.io/instance": "phi3-mini"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    serving, metrics = spec["ingress"]
+    assert serving == {"from": peers, "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8081}]}
+    assert metrics == {"from": list(monitoring), "ports": [{"protocol": "TCP", "port": 8082}]}
+
+
+def test_network_policy_with_no_peers_admits_nobody_to_serving() -> None:
+    policy = build_children(context(network={"allowFrom": []}))[-1]
+    # No rule at all for the serving ports (an empty `from` would admit everyone).
+    assert policy["spec"]["ingress"] == []
+
+
+def test_a_peer_without_selectors_is_refused() -> None:
+    with pytest.raises(SpecError, match="needs a namespaceSelector, a podSelector or both"):
+        parse_spec({"model": {"uri": "models:/m/1"}, "hardware": {"target": "cpu"}, "network": {"allowFrom": [{}]}})
+
+
+def test_request_bounds_reach_the_runtime_only_when_set() -> None:
+    runtime = build_children(context(serving={"maxRequestBytes": 2048, "maxQueuedRequests": 3}))[0]
+    env = {e["name"]: e.get("value") for e in runtime["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PHI3_MAX_REQUEST_BYTES"] == "2048" and env["PHI3_MAX_QUEUED_REQUESTS"] == "3"
+    plain = build_children(context())[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not {"PHI3_MAX_REQUEST_BYTES", "PHI3_MAX_QUEUED_REQUESTS"} & {e["name"] for e in plain}

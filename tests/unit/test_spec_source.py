@@ -169,8 +169,16 @@ LABEL = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?", fullmatch=True)
 QUANTITY = st.sampled_from(["1", "250m", "2", "512Mi", "2Gi", "8Gi"])
 TOLERATION = st.sampled_from([{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"},
                               {"key": "gpu", "operator": "Equal", "value": "a100"}])
+SELECTOR = st.fixed_dictionaries({}, optional={
+    "matchLabels": st.dictionaries(LABEL, LABEL, max_size=2),
+    "matchExpressions": st.lists(st.fixed_dictionaries({"key": LABEL, "operator": st.sampled_from(["In", "NotIn"]),
+                                                         "values": st.lists(LABEL, min_size=1, max_size=2)}),
+                                 max_size=1)})
+# A peer may lack both selectors: the CRD's CEL rule refuses that, and the rule's test generates it.
+PEER = st.fixed_dictionaries({}, optional={"namespaceSelector": SELECTOR, "podSelector": SELECTOR})
 # Free-form in the CRD, validated by Kubernetes in the child: generated from valid values only.
 FREE_FORM: dict[str, st.SearchStrategy[Any]] = {
+    "network.allowFrom": st.lists(PEER, max_size=3),
     "resources": st.fixed_dictionaries({}, optional={
         "requests": st.dictionaries(st.sampled_from(["cpu", "memory"]), QUANTITY, max_size=2),
         "limits": st.dictionaries(st.sampled_from(["cpu", "memory"]), QUANTITY, max_size=2)}),
@@ -266,6 +274,8 @@ def rule_values(rule_path: str) -> st.SearchStrategy[Any]:
     if schema.get("type") == "string":
         return st.one_of(from_schema(schema, rule_path), st.text(max_size=30),
                          st.sampled_from(["ftp://x", "models:/", "models:/a", "nvidia.com/", "http:/x", "file:"]))
+    if rule_path == "network":
+        return st.fixed_dictionaries({"allowFrom": FREE_FORM["network.allowFrom"]})
     keys = list((schema.get("properties") or {}).keys())
     values = {key: st.integers(1, 6) if key not in ("target",) else st.sampled_from(["cpu", "cuda"]) for key in keys}
     required = {k: v for k, v in values.items() if k in schema.get("required", ())}

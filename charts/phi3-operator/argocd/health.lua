@@ -26,6 +26,7 @@ local TERMINAL_REASONS = {
   PublishFailed = true,
   RegistryRequired = true,
   ModelLoadFailed = true,
+  ApiKeysUnavailable = true,
   RuntimeCrashLoop = true,
 }
 

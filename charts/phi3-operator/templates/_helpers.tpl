@@ -102,6 +102,9 @@ reconcile.py, handlers.py) plus what kopf needs for the watched resource. */}}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
 # Events on Phi3Models.
 - apiGroups: [""]
   resources: ["events"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from phi3_operator.builders.common import BuildContext, Manifest, Owner
 from phi3_operator.builders.deployment import build_deployment
+from phi3_operator.builders.network import build_network_policy
 from phi3_operator.builders.scaling import build_hpa, build_pdb
 from phi3_operator.builders.service import build_service
 
@@ -17,4 +18,6 @@ def build_children(ctx: BuildContext) -> list[Manifest]:
         children.append(build_hpa(ctx))
     if ctx.spec.disruption_budget is not None:
         children.append(build_pdb(ctx))
+    if ctx.spec.network is not None:
+        children.append(build_network_policy(ctx))
     return children

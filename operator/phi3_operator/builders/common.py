@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ class BuildContext:
     # ImageVolume delivery: the model's published image, pinned by digest; "" downloads it per pod.
     model_image: str = ""
     model_size_bytes: int = 0  # 0: unknown
+    # NetworkPolicy peers (`from` entries) that may scrape the metrics port: the operator's config.monitoring.
+    monitoring_peers: tuple[Mapping[str, Any], ...] = ()
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:

@@ -17,8 +17,13 @@ from phi3_operator.builders.common import (
     selector_labels,
 )
 from phi3_operator.builders.delivery import STARTUP_PROBE_PERIOD_S, startup_failure_threshold
+from phi3_operator.spec import FIELDS_BY_PATH
 
 RUNTIME_UID = 1000
+# spec.auth's Secret, mounted (never env: a Secret volume follows the Secret's changes, so keys rotate
+# without a restart, and env would show in `kubectl describe`). The runtime reads PHI3_API_KEYS_DIR.
+API_KEYS_DIR = "/var/run/secrets/phi3.ai/api-keys"
+ENV_API_KEYS_DIR = "PHI3_API_KEYS_DIR"
 DEFAULT_CPU_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "1", "memory": "2Gi"},
     "limits": {"memory": "8Gi"},
@@ -62,8 +67,14 @@ def env_vars(ctx: BuildContext) -> list[dict[str, Any]]:
         {"name": "PHI3_TOP_P", "value": str(gen.top_p)},
     ]
     # Only when set: an unset field must not change (and so roll) existing Deployments.
-    if ctx.spec.serving.max_batch_size is not None:
-        env.append({"name": "PHI3_MAX_BATCH_SIZE", "value": str(ctx.spec.serving.max_batch_size)})
+    serving = ctx.spec.serving
+    for path, value in (("serving.maxBatchSize", serving.max_batch_size),
+                        ("serving.maxRequestBytes", serving.max_request_bytes),
+                        ("serving.maxQueuedRequests", serving.max_queued_requests)):
+        if value is not None:
+            env.append({"name": FIELDS_BY_PATH[path].env, "value": str(value)})
+    if ctx.spec.auth is not None:
+        env.append({"name": ENV_API_KEYS_DIR, "value": API_KEYS_DIR})
     return env
 
 
@@ -146,6 +157,11 @@ def build_deployment(ctx: BuildContext) -> Manifest:
     for container in (fetch, runtime):
         if not container["envFrom"]:
             del container["envFrom"]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, models_volume]
+    if spec.auth is not None:
+        runtime["volumeMounts"] = [*volume_mounts, {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True}]
+        # Readable by the runtime's group (fsGroup) only.
+        volumes.append({"name": "api-keys", "secret": {"secretName": spec.auth.api_key_secret, "defaultMode": 0o440}})
 
     pod_spec: dict[str, Any] = {
         "securityContext": {
@@ -158,7 +174,7 @@ def build_deployment(ctx: BuildContext) -> Manifest:
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "containers": [runtime],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, models_volume],
+        "volumes": volumes,
     }
     if not ctx.model_image:
         pod_spec["initContainers"] = [fetch]
