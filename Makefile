@@ -25,9 +25,10 @@ setup: system-packages
 
 # Debian packages, as `command:package`: lua5.4 runs the Argo CD health check, openssl makes the
 # cluster's certificates, buildah and debootstrap build the images; the real node needs runc, the
-# CNI plugins, nft (kube-proxy's nftables mode and the node's forward rule) and ip.
+# CNI plugins, nft (kube-proxy's nftables mode and the node's forward rule) and ip; the NetworkPolicy
+# tests' firewall (kube-router) needs ipset and iptables.
 SYSTEM_TOOLS := lua5.4:lua5.4 openssl:openssl buildah:buildah debootstrap:debootstrap runc:runc \
-	/usr/lib/cni/bridge:containernetworking-plugins nft:nftables ip:iproute2
+	/usr/lib/cni/bridge:containernetworking-plugins nft:nftables ip:iproute2 ipset:ipset iptables:iptables
 system-packages:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; package=$${pair##*:}; \
 	  command -v $$tool >/dev/null || test -x $$tool || missing="$$missing $$package"; done; \
