@@ -426,7 +426,8 @@ class OnnxBatchEngine(OnnxEngineBase):
         turn_options.set_max_generated_tokens(turn.prepared.max_new_tokens)
         if options.min_tokens:
             turn_options.set_min_generated_tokens(min(options.min_tokens, turn.prepared.max_new_tokens))
-        if options.greedy:
+        # top_k 1 is greedy decoding, and og.Engine refuses sampling options beside it.
+        if options.greedy or options.top_k == 1:
             turn_options.set_do_sample(False)
             turn_options.set_temperature(0.0)
         else:
@@ -434,7 +435,7 @@ class OnnxBatchEngine(OnnxEngineBase):
             turn_options.set_temperature(options.temperature)
             turn_options.set_top_p(options.top_p)
             if options.top_k is not None:
-                turn_options.set_top_k(options.top_k)
+                turn_options.set_top_k(self.og_top_k(options.top_k))
         if options.guidance is not None:
             turn_options.set_guidance(options.guidance.kind, options.guidance.grammar)
         turn.turn_id = request.begin_turn(turn.prepared.input_ids, turn_options)

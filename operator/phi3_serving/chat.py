@@ -218,7 +218,7 @@ def parse_chat_request(payload: Any, defaults: GenerationDefaults) -> ChatReques
             top_p=options.top_p,
             top_k=options.top_k,
             stop=options.stop,
-            seed=_optional_int(payload, "seed"),
+            seed=_parse_seed(payload),
             guidance=guidance,
             min_tokens=_parse_min_tokens(payload, options.max_tokens),
         ),
@@ -387,7 +387,7 @@ def parse_tool_call(text: str, tools: Sequence[Tool]) -> ToolCall | None:
     """The tool call in a generated answer, or None when the answer is not one."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # a model may generate anything
         return None
     if not isinstance(value, Mapping) or not any(tool.name == value.get("name") for tool in tools):
         return None
@@ -456,6 +456,8 @@ def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
         content = _message_text(item.get("content"), where)
         calls = item.get("tool_calls")
         if role == "assistant" and calls:
+            if not isinstance(calls, list):
+                raise InvalidRequestError(f"{where}.tool_calls must be a list", param=where)
             # A previous tool call goes back to the model in the form it was generated in.
             content = content + "".join(_tool_call_text(call, where) for call in calls)
         messages.append(ChatMessage(role=role, content=content))
@@ -469,7 +471,7 @@ def _tool_call_text(call: Any, where: str) -> str:
     arguments = function.get("arguments") or "{}"
     try:
         parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # JSON in a string: the guard's depth scan skips strings
         raise InvalidRequestError(f"{where}.tool_calls arguments must be JSON", param=where) from None
     return json.dumps({"name": function["name"], "arguments": parsed})
 
@@ -517,10 +519,19 @@ def _optional_int(payload: Mapping[str, Any], key: str) -> int | None:
     value = payload.get(key)
     if value is None:
         return None
-    # bool is an int in Python, but `"max_tokens": true` is a client bug worth naming.
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    # bool is an int in Python, but `"max_tokens": true` is a client bug worth naming; and
+    # int() of Infinity or NaN (which Python's json reads) would raise instead of saying so.
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
         raise InvalidRequestError(f"'{key}' must be an integer, got {value!r}", param=key)
     return int(value)
+
+
+def _parse_seed(payload: Mapping[str, Any]) -> int | None:
+    """OpenAI's seed is a 64-bit integer (vLLM enforces the same range); torch refuses larger ones."""
+    seed = _optional_int(payload, "seed")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise InvalidRequestError(f"'seed' must be a 64-bit integer, got {seed}", param="seed")
+    return seed
 
 
 def _optional_float(payload: Mapping[str, Any], key: str) -> float | None:

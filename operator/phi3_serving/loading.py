@@ -31,6 +31,13 @@ class ServedModel:
     flavor: str  # "onnx-genai", "transformers" or "pyfunc"
     max_concurrency: int
     shape: ModelShape | None = None  # a user's pyfunc; None for our own engines
+    context_tokens: int | None = None  # the model's context, where the engine knows it
+    batch_size: int | None = None  # requests computed at once, where fewer than max_concurrency
+
+    @property
+    def running_capacity(self) -> int:
+        """How many requests the model computes at once; those beyond it wait."""
+        return self.batch_size or self.max_concurrency
 
     @property
     def ours(self) -> bool:
@@ -62,7 +69,10 @@ def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, 
             pyfunc_model, name=name, defaults=GenerationDefaults.from_env(env), max_concurrency=max_concurrency
         )
         transformers_engine.attach_metrics(ModelMetrics(name))
-        return ServedModel(pyfunc_model, transformers_engine, TRANSFORMERS_FLAVOR, max_concurrency)
+        return ServedModel(
+            pyfunc_model, transformers_engine, TRANSFORMERS_FLAVOR, max_concurrency,
+            context_tokens=transformers_engine.context_length,
+        )
 
     from phi3_serving.onnx_model import FLAVOR as ONNX_FLAVOR
     from phi3_serving.onnx_model import OnnxGenAIChatModel
@@ -74,7 +84,14 @@ def load_served_model(model_uri: str, *, name: str = "model", env: Mapping[str, 
     if isinstance(python_model, OnnxGenAIChatModel):
         onnx_engine = python_model.engine
         onnx_engine.attach_metrics(ModelMetrics(name))
-        return ServedModel(pyfunc_model, onnx_engine, ONNX_FLAVOR, onnx_engine.max_concurrency)
+        from phi3_serving.batching import OnnxBatchEngine
+
+        # The batching engine keeps hundreds of streams open, but decodes only a batch of them.
+        batch_size = onnx_engine.max_batch_size if isinstance(onnx_engine, OnnxBatchEngine) else None
+        return ServedModel(
+            pyfunc_model, onnx_engine, ONNX_FLAVOR, onnx_engine.max_concurrency,
+            context_tokens=onnx_engine.context_length, batch_size=batch_size or None,
+        )
     shape = model_shape(pyfunc_model.metadata, python_model)
     metrics = ModelMetrics(name)
     engine: ChatEngine | None = None

@@ -73,6 +73,15 @@ def cuda_available() -> bool:
         return False
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def og_seed(seed: int) -> int:
+    """onnxruntime-genai takes a 32-bit seed; a larger one (OpenAI's are 64-bit) is folded into that
+    range, so that the same seed still gives the same answer. Seeds in range pass unchanged."""
+    return seed if -(2**31) <= seed <= _INT32_MAX else seed % 2**31
+
+
 @dataclass(frozen=True)
 class _PreparedRequest:
     input_ids: Any  # numpy int32 array
@@ -94,6 +103,7 @@ class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
         self.variant = variant
         self.genai_config = read_genai_config(variant.path)
         self.context_length = context_length(self.genai_config)
+        self.vocab_size = int(self.genai_config.get("model", {}).get("vocab_size") or _INT32_MAX)
         self._model = model if model is not None else og.Model(str(variant.path))
         self._tokenizer = og.Tokenizer(self._model)
         self._eos_token_ids = frozenset(int(token) for token in self._tokenizer.eos_token_ids)
@@ -166,15 +176,19 @@ class OnnxEngineBase(PreparedChatEngine[_PreparedRequest]):
         else:
             search.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
             if options.top_k is not None:
-                search["top_k"] = options.top_k
+                search["top_k"] = self.og_top_k(options.top_k)
         if options.seed is not None:
-            search["random_seed"] = options.seed
+            search["random_seed"] = og_seed(options.seed)
         if options.min_tokens:
             search["min_length"] = min(prepared.max_length, len(prepared.input_ids) + options.min_tokens)
         params.set_search_options(**search)
         if options.guidance is not None:
             params.set_guidance(options.guidance.kind, options.guidance.grammar)
         return params
+
+    def og_top_k(self, top_k: int) -> int:
+        """onnxruntime-genai refuses a top_k past the vocabulary, which means the whole vocabulary."""
+        return min(top_k, self.vocab_size)
 
     def generate_alone(
         self,

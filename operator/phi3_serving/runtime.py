@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -27,7 +28,7 @@ from mlserver.codecs import StringCodec
 from mlserver.errors import MLServerError
 from mlserver.handlers import custom_handler
 from mlserver.logging import logger
-from mlserver.types import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters, RequestInput, ResponseOutput
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -40,6 +41,7 @@ from phi3_serving.chat import (
     parse_chat_request,
 )
 from phi3_serving.engine import ChatEngine, StreamEvent
+from phi3_serving.guard import MAX_JSON_DEPTH, json_depth, report_model
 from phi3_serving.loading import ServedModel, load_served_model
 from phi3_serving.metrics import ModelMetrics, RequestMeter
 from phi3_serving.openai_serving import (
@@ -236,6 +238,9 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             max_workers=self._served.max_concurrency, thread_name_prefix=f"phi3-{self.name}"
         )
         self._created = int(time.time())
+        report_model(
+            self.name, context_tokens=self._served.context_tokens, running=self._served.running_capacity
+        )
         return True
 
     async def unload(self) -> bool:
@@ -285,6 +290,7 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
     # -- V2 (Open Inference Protocol) ----------------------------------------------------------
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        _check_v2_id(payload)
         if self._engine is None:
             return await self._v2_pyfunc(payload)
         request = self._v2_request(payload)
@@ -300,11 +306,19 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
 
     async def predict_stream(self, payloads: AsyncIterator[InferenceRequest]) -> AsyncIterator[InferenceResponse]:
         payload = await payloads.__anext__()
-        request = self._v2_request(payload)
         try:
-            stream = await self._start_stream(request)
-        except InvalidRequestError as error:
-            raise MLServerError(error.message, status_code=400) from error
+            stream = await self._start_stream(self._v2_request(payload))
+        except (InvalidRequestError, MLServerError) as error:
+            # MLServer's infer_stream endpoint sends its 200 before it asks for the first event, so a
+            # raise here would cut the response off; the stream says it in-band instead, in one event.
+            message, status = (error.message, 400) if isinstance(error, InvalidRequestError) else (
+                str(error), error.status_code
+            )
+            yield InferenceResponse(
+                model_name=self.name, model_version=self.version, outputs=[],
+                parameters=Parameters(error=message, status_code=status),
+            )
+            return
         async for batch in stream.batches():
             for event in batch:
                 yield InferenceResponse(
@@ -523,6 +537,12 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
             cause = error.__cause__ or error.__context__
             message = cause.message if isinstance(cause, InvalidRequestError) else error.message
             return JSONResponse(error_body(message.split("\n")[0]), status_code=400)
+        except Exception as error:
+            # MLflow prints the input DataFrame into its message for a bad input, and pandas cannot
+            # print some (list-valued column labels): the input is still at fault.
+            if not isinstance(error.__context__, MlflowException):
+                raise
+            return JSONResponse(error_body(error.__context__.message.split("\n")[0]), status_code=400)
         return Response(content=result.response, status_code=result.status, media_type=result.mimetype)
 
     @_route("/ping", "GET")
@@ -536,11 +556,28 @@ class Phi3Runtime(MLModel):  # type: ignore[misc]
 async def _read_json(request: Request) -> tuple[Any, Response | None]:
     raw = await request.body()
     try:
-        return json.loads(raw), None
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return None, JSONResponse(
             error_body(f"the request body is not valid JSON: {error}", code="invalid_json"), status_code=400
         )
+    # The guard lets only UTF-8 through, which cannot hold a surrogate: one comes only as a \uD8xx-\uDFxx
+    # escape, and a lone one is no text (the tokenizers fail on it). MLServer's orjson refuses it for V2.
+    if _SURROGATE_ESCAPE.search(raw) and not _is_text(body):
+        message = "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+        return None, JSONResponse(error_body(message, code="invalid_json"), status_code=400)
+    return body, None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_text(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _agent_failed(error: Exception) -> Response:
@@ -556,11 +593,22 @@ def _sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
+def _check_v2_id(payload: InferenceRequest) -> None:
+    """MLServer sends a request's id back in a `Ce-Id` response header, which must be printable ASCII."""
+    if payload.id is not None and not (payload.id.isascii() and payload.id.isprintable()):
+        raise MLServerError("the request's 'id' must be printable ASCII: it is sent back in a header", status_code=400)
+
+
 def _decode_v2_input(request_input: RequestInput) -> Any:
     values = [value for value in StringCodec.decode_input(request_input)]
+    if not values or not all(isinstance(value, str) for value in values):
+        raise MLServerError(f"input {request_input.name!r} must hold strings (datatype BYTES)", status_code=400)
     if request_input.name == "prompt":
         return values[0] if len(values) == 1 else values
-    # messages: each element a JSON object, or a single element holding the whole JSON list
+    # messages: each element a JSON object, or a single element holding the whole JSON list. The
+    # guard scanned the request's own nesting; JSON inside its strings is scanned here.
+    if any(json_depth(value.encode()) > MAX_JSON_DEPTH for value in values):
+        raise MLServerError(f"input 'messages' nests deeper than {MAX_JSON_DEPTH} levels", status_code=400)
     try:
         decoded = [json.loads(value) for value in values]
     except json.JSONDecodeError as error:

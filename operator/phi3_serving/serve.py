@@ -14,10 +14,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+if TYPE_CHECKING:
+    from phi3_serving.guard import Guard
+
 RUNTIME_IMPLEMENTATION = "phi3_serving.runtime.Phi3Runtime"
+EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
 # The operator reads this from the container's last words (podhealth.MODEL_LOAD_FAILED_MARKER).
 LOAD_FAILED_PREFIX = "phi3-operator serve: the model failed to load: "
@@ -87,6 +91,44 @@ def write_settings(options: ServeOptions, workdir: Path) -> None:
     (model_folder / "model-settings.json").write_text(json.dumps(model_settings(options), indent=2))
 
 
+def install_guard(server: Any, guard: Guard) -> None:
+    """Put the guard in front of every route of MLServer's HTTP port, before it serves one request.
+
+    MLServer 1.7.1 has no hook for this: `create_app` builds its FastAPI app inside RESTServer's
+    constructor and adds no middleware of ours. Of the ways in, this is the least fragile: it
+    reaches one attribute (`MLServer._rest_server._app`, the app uvicorn is given) and then uses
+    Starlette's public `add_middleware`, which wraps the app around the router, so MLServer's V2
+    routes and the runtime's custom handlers (added to the router as models load) all pass the
+    guard. Replacing `mlserver.rest.server.create_app` or subclassing RESTServer would depend on
+    how MLServer imports and calls them. Should a later MLServer keep its app elsewhere, `serve`
+    refuses to start rather than serve unguarded.
+    """
+    from starlette.applications import Starlette
+
+    from phi3_serving.guard import GuardMiddleware, activate
+
+    app = getattr(getattr(server, "_rest_server", None), "_app", None)
+    if not isinstance(app, Starlette):
+        raise RuntimeError("MLServer's REST app is not where MLServer 1.7.1 keeps it: refusing to serve unguarded")
+    app.add_middleware(GuardMiddleware, guard=guard)
+    if guard.keys is not None:
+        # MLServer's gRPC server takes its interceptors fixed inside a private method, so no key check
+        # can be put in front of it: with keys required it does not start, rather than serve unguarded.
+        server._grpc_server = _NoGrpc()
+        print("phi3-operator serve: API keys are required, so the gRPC port is off (use HTTP)", flush=True)
+    activate(guard)
+
+
+class _NoGrpc:
+    """Stands where MLServer keeps its gRPC server: starts nothing, stops nothing."""
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self, sig: int | None = None) -> None:
+        return None
+
+
 def serve(options: ServeOptions) -> int:
     """Run MLServer until SIGTERM/SIGINT; returns the exit code."""
     # Serving never reaches a model hub nor phones home.
@@ -97,6 +139,18 @@ def serve(options: ServeOptions) -> int:
         ("DO_NOT_TRACK", "true"),
     ):
         os.environ.setdefault(key, value)
+    # MLflow traces some pyfuncs (a ResponsesAgent) on every call into its tracking store: request
+    # contents would go to the tracking server, or to ./mlflow.db. Serving records none.
+    import mlflow.tracing
+
+    mlflow.tracing.disable()
+    from phi3_serving.guard import Guard, GuardSettings
+
+    try:
+        guard = Guard(GuardSettings.from_env(os.environ))
+    except ValueError as error:
+        print(f"phi3-operator serve: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     workdir = Path(tempfile.mkdtemp(prefix="phi3-serve-"))
     write_settings(options, workdir)
     print(f"phi3-operator serve: settings in {workdir}", flush=True)
@@ -108,7 +162,9 @@ def serve(options: ServeOptions) -> int:
 
     async def run() -> None:
         settings, models_settings = await load_settings(str(workdir))
-        await MLServer(settings).start(models_settings)
+        server = MLServer(settings)
+        install_guard(server, guard)
+        await server.start(models_settings)
 
     # Generation threads hand the GIL back only between tokens; with CPython's default 5 ms switch
     # interval the event loop then waits up to 5 ms per step it takes, which delays the first

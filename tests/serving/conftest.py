@@ -3,8 +3,9 @@ packaged, fetched and served once through the real CLI."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,27 @@ class Served:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ONNX model as `package onnx` logs it, saved to a folder (no registry): for tests
+    that serve it with an environment of their own."""
+    from phi3_serving.packaging import save_onnx_model
+
+    return save_onnx_model(tiny_model.onnx_dir, tmp_path_factory.mktemp("onnx-mlflow-model") / "model")
+
+
+def onnx_process(model_dir: Path, name: str, workdir: Path, env: Mapping[str, str]) -> ServedProcess:
+    """`serve` of the ONNX model as the `served` fixture runs it, plus `env`."""
+    base = {
+        "PHI3_ONNX_VARIANT": "cpu-int4",
+        "PHI3_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
+        "PHI3_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+    }
+    return ServedProcess(str(model_dir), name, workdir / "serve.log", env={**base, **env})
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,13 @@ class ServedProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The serving process itself: the CLI runs MLServer in-process, with no workers."""
+        if self._process is None:
+            raise RuntimeError(f"{self.model_name} is not running")
+        return self._process.pid
+
     def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
         url = f"http://127.0.0.1:{port or self.http_port}{path}"
         try:

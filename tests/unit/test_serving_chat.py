@@ -168,3 +168,39 @@ def test_stop_filter_holds_back_only_possible_prefixes() -> None:
     stop_filter = StopSequenceFilter(["<END>"])
     assert stop_filter.feed("abc<E") == "abc"
     assert stop_filter.feed("X") == "<EX"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", float("inf")), ("max_tokens", float("nan")), ("top_k", float("-inf")), ("seed", float("nan")),
+     ("seed", 2**63), ("seed", -(2**63) - 1)],
+)
+def test_numbers_no_engine_could_take_are_a_400_naming_them(field: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_chat_request({"messages": USER_HI, field: value}, DEFAULTS)
+    assert refused.value.param == field
+
+
+def test_a_64_bit_seed_is_a_seed() -> None:
+    for seed in (2**63 - 1, -(2**63), 2**40, 7, 3.0):
+        assert parse_chat_request({"messages": USER_HI, "seed": seed}, DEFAULTS).options.seed == seed
+
+
+def test_onnx_seeds_fold_into_32_bits_deterministically() -> None:
+    from phi3_serving.onnx_model import og_seed
+
+    for seed in (0, 7, -1, 2**31 - 1, -(2**31)):
+        assert og_seed(seed) == seed  # in range: unchanged, so answers seeded so far stay the same
+    for seed in (2**31, 2**63 - 1, -(2**63), 2**40 + 5):
+        assert 0 <= og_seed(seed) < 2**31
+        assert og_seed(seed) == og_seed(seed)
+    assert og_seed(2**40) != og_seed(2**40 + 1)
+
+
+@pytest.mark.parametrize(
+    "calls", [1, "call", {"function": {"name": "f"}}, [1], [{"function": {"name": "f", "arguments": "[" * 5000}}]]
+)
+def test_malformed_tool_calls_in_the_history_are_a_400(calls: Any) -> None:
+    messages = [*USER_HI, {"role": "assistant", "content": "", "tool_calls": calls}]
+    with pytest.raises(InvalidRequestError, match="tool_calls"):
+        parse_chat_request({"messages": messages}, DEFAULTS)

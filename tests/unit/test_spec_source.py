@@ -32,6 +32,7 @@ from phi3_operator.spec import FIELDS, FIELDS_BY_PATH, RULES, Field, SpecError, 
 from phi3_serving.batching import batch_options_from_env
 from phi3_serving.chat import GenerationDefaults
 from phi3_serving.engine import max_concurrency_from_env
+from phi3_serving.guard import ENV_API_KEYS_DIR, ENV_MAX_QUEUED_REQUESTS, ENV_MAX_REQUEST_BYTES, GuardSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "phi3.ai_phi3models.yaml"
@@ -60,6 +61,7 @@ def runtime_accepts(env: Mapping[str, str]) -> None:
     GenerationDefaults.from_env(env)
     max_concurrency_from_env(env)
     batch_options_from_env(env)
+    GuardSettings.from_env(env)
 
 
 def runtime_env(raw_spec: Mapping[str, Any]) -> dict[str, str]:
@@ -103,6 +105,14 @@ def test_the_crd_has_exactly_the_table_rules() -> None:
 
 def test_the_chart_carries_the_crd_unchanged() -> None:
     assert CHART_CRD_PATH.read_bytes() == CRD_PATH.read_bytes(), "run hack/sync-chart-crds"
+
+
+def test_the_builders_name_the_guards_variables() -> None:
+    assert FIELDS_BY_PATH["serving.maxRequestBytes"].env == ENV_MAX_REQUEST_BYTES
+    assert FIELDS_BY_PATH["serving.maxQueuedRequests"].env == ENV_MAX_QUEUED_REQUESTS
+    env = runtime_env({"model": {"uri": "models:/m/1"}, "hardware": {"target": "cpu"},
+                       "auth": {"apiKeySecretRef": {"name": "keys"}}})
+    assert GuardSettings.from_env(env).api_keys_dir == Path(env[ENV_API_KEYS_DIR])
 
 
 # --------------------------------------------------------------------------- the README
