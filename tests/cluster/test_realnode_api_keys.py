@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import openai
@@ -28,8 +30,19 @@ def _secret(keys: dict[str, str]) -> dict[str, Any]:
 
 
 def _answers(base_url: str, key: str | None) -> bool:
-    """True on an answer, False on a 401; anything else fails the test."""
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key or "", max_retries=0, timeout=60)
+    """True on an answer, False on a 401; anything else fails the test. No key: a plain request without
+    an Authorization header (the SDK insists on one)."""
+    if key is None:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=60).close()
+        except urllib.error.HTTPError as error:
+            assert error.code == 401 and error.headers["WWW-Authenticate"] == "Bearer", error
+            return False
+        return True
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
     try:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     except openai.AuthenticationError:
