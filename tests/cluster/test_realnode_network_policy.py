@@ -2,19 +2,23 @@
 kube-proxy (`hack/localcluster firewall up`). Pods in three namespaces call a served model through its
 Service: the one spec.network admits reaches the serving port, another namespace is refused, and the
 monitoring namespace (the operator's config.monitoring default) reaches only the metrics port. Without
-spec.network the policy goes, and the refused namespace gets through: the refusal was the policy's.
+spec.network the policy goes, and the refused namespace gets through: the refusal was the policy's. A real
+Prometheus (images/prometheus, built from its Go module) scrapes the model from the monitoring namespace.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 from tests.support.cluster import REPO_ROOT, Cluster
-from tests.support.realnode import RealPath, diagnose, on_real_node, ready_model, serving_pods
+from tests.support.realnode import RealPath, build_images, diagnose, on_real_node, ready_model, serving_pods
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -98,6 +102,44 @@ def reachability(cluster: Cluster, namespaces: dict[str, str], image: str, servi
     return seen
 
 
+def prometheus_scrape(cluster: Cluster, service_ip: str) -> str:
+    """Run Prometheus (images/prometheus) in the monitoring namespace on the model's metrics port until it
+    reports the target up with the runtime's own series; returns what it saw."""
+    image = build_images("prometheus")["prometheus"]
+    config = {"global": {"scrape_interval": "2s", "scrape_timeout": "1s"},
+              "scrape_configs": [{"job_name": "phi3", "static_configs": [{"targets": [f"{service_ip}:8082"]}]}]}
+    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prometheus"},
+                   "data": {"prometheus.yml": yaml.safe_dump(config)}}, MONITORING_NAMESPACE)
+    pod = probe_pod("prometheus", image, "", "")
+    container = pod["spec"]["containers"][0]
+    del container["command"]
+    container["args"] = ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/tmp/prometheus"]
+    container["resources"]["limits"]["memory"] = "512Mi"
+    container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prometheus"},
+                                 {"name": "tmp", "mountPath": "/tmp"}]
+    pod["spec"]["restartPolicy"] = "Always"
+    pod["spec"]["volumes"] = [{"name": "config", "configMap": {"name": "prometheus"}}, {"name": "tmp", "emptyDir": {}}]
+    cluster.apply(pod, MONITORING_NAMESPACE)
+
+    def query(expression: str) -> list[dict[str, Any]]:
+        ip = cluster.get("pod", "prometheus", MONITORING_NAMESPACE).get("status", {}).get("podIP")
+        if not ip:
+            return []
+        url = f"http://{ip}:9090/api/v1/query?{urllib.parse.urlencode({'query': expression})}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                result: list[dict[str, Any]] = json.loads(response.read())["data"]["result"]
+                return result
+        except OSError:
+            return []
+
+    up = wait_until(lambda: [r for r in query('up{job="phi3"}') if r["value"][1] == "1"], timeout=240, interval=3,
+                    message="Prometheus in the monitoring namespace to scrape the model")
+    running = wait_until(lambda: query('phi3_requests_running{job="phi3"}'), timeout=60, interval=3,
+                         message="the runtime's series in Prometheus")
+    return f"up={up[0]['value'][1]} phi3_requests_running={running[0]['value'][1]}"
+
+
 def test_network_policy_admits_the_named_peers_and_monitoring_only(real_path: RealPath, firewall: None) -> None:
     cluster, namespace = real_path.cluster, real_path.namespace
     image = real_path.images["mlserver-cpu"]
@@ -128,6 +170,9 @@ def test_network_policy_admits_the_named_peers_and_monitoring_only(real_path: Re
         assert str(seen["others"]["metrics"]).startswith("refused"), seen
         assert str(seen["monitoring"]["serving"]).startswith("refused"), seen
         assert seen["monitoring"]["metrics"] == 200, seen
+        # A real Prometheus in the monitoring namespace scrapes the model's metrics through the policy.
+        scraped = prometheus_scrape(cluster, service["spec"]["clusterIP"])
+        print(f"Prometheus in {MONITORING_NAMESPACE}: {scraped}")
         # The kubelet's probes come from the node itself, which policies do not cut off: still Ready.
         assert ready_model(cluster, MODEL, namespace)
         assert all(any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"]["conditions"])

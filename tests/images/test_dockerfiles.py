@@ -133,3 +133,11 @@ def test_the_torch_cpu_image_leaves_out_only_what_its_pip_check_allows() -> None
     allowed = set(re.findall(r"requires (\S+), which is not installed", dockerfile))
     assert allowed == set(LEFT_OUT["mlserver-torch-cpu"])
     assert not allowed & set(packages("mlserver-torch-cpu"))
+
+
+def test_the_prometheus_image_is_hadolint_clean_and_not_root() -> None:
+    dockerfile = IMAGES / "prometheus" / "Dockerfile"
+    result = subprocess.run([hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+    assert users and users[-1] == "1000:1000"
