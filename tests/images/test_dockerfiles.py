@@ -141,3 +141,12 @@ def test_the_prometheus_image_is_hadolint_clean_and_not_root() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
     assert users and users[-1] == "1000:1000"
+
+
+def test_what_test_models_record_is_what_the_runtime_images_carry() -> None:
+    dev = exact_pins(project()["optional-dependencies"]["dev"])  # type: ignore[index]
+    for image in ("mlserver-cpu", "mlserver-torch-cpu"):
+        carried = packages(image)
+        for name in ("numpy", "pandas", "safetensors", "tokenizers", "torch"):
+            if name in carried:
+                assert dev[name] == carried[name], f"dev pins {name}=={dev[name]}, {image} carries {carried[name]}"
