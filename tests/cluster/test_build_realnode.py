@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from tests.support.cluster import Cluster
 from tests.support.mlflow_server import free_port
-from tests.support.operator import OperatorProcess, operator_env
+from tests.support.operator import OperatorProcess, operator_with_config
 from tests.support.realnode import (
     BRIDGE_ADDRESS,
     NODE_NAME,
@@ -98,28 +97,18 @@ def build_operator(real_path: RealPath, operator: OperatorProcess, tmp_path_fact
                    ) -> Iterator[tuple[OperatorProcess, Path]]:
     """An operator whose catalog is the runtime image built here and whose builder is images/buildkit.
     The session's operator (it watches every namespace, with a catalog of images that exist nowhere)
-    is stopped meanwhile: two operators on one model fight over its Deployment."""
+    is stopped meanwhile."""
     builder = build_images("buildkit")["buildkit"]
     workdir = tmp_path_factory.mktemp("build-realnode")
     with contextlib.ExitStack() as stack:
         index_url, index_log = stack.enter_context(package_index(workdir / "index"))
-        config = workdir / "operator-config.yaml"
-        config.write_text(yaml.safe_dump({
+        process = stack.enter_context(operator_with_config(operator, {
             "builderImage": builder,
             "buildArgs": {"PIP_INDEX_URL": index_url, "PIP_TRUSTED_HOST": index_url.split("/")[2]},
             "plainHttpRegistries": [f"{BRIDGE_ADDRESS}:5000"],
             "imageCatalog": [{"flavor": "onnx-genai", "target": "cpu", "image": real_path.images["mlserver-cpu"],
                               "packages": catalog_packages("mlserver-cpu")}],
-        }))
-        operator.stop()
-        stack.callback(operator.start)
-        process = OperatorProcess(
-            cluster=real_path.cluster, log_path=workdir / "operator.log",
-            args=("--metrics-address", f"127.0.0.1:{free_port()}"),
-            extra_env={**operator_env(resync_s=3.0, refresh_s=3.0), "PHI3_OPERATOR_CONFIG": str(config)},
-        )
-        process.start()
-        stack.callback(process.stop)
+        }, workdir))
         yield process, index_log
 
 

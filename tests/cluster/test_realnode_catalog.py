@@ -9,17 +9,14 @@ A torch pin that no catalog image meets still needs a build.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 from openai import OpenAI
-from tests.support.mlflow_server import free_port
-from tests.support.operator import OperatorProcess, operator_env
+from tests.support.operator import OperatorProcess, operator_with_config
 from tests.support.realnode import (
     BRIDGE_ADDRESS,
     RealPath,
@@ -49,24 +46,13 @@ def catalog_operator(real_path: RealPath, operator: OperatorProcess, tmp_path_fa
     The session's operator, whose catalog names images that exist nowhere, is stopped meanwhile: two
     operators on one model fight over its Deployment."""
     images = build_images(*CPU_IMAGES)
-    workdir = tmp_path_factory.mktemp("catalog-realnode")
-    config = workdir / "operator-config.yaml"
-    config.write_text(yaml.safe_dump({
+    config = {
         "plainHttpRegistries": [f"{BRIDGE_ADDRESS}:5000"],
         "imageCatalog": [{"flavor": flavor, "target": target, "image": images[image],
                           "packages": catalog_packages(image)}
                          for flavor, target, image in DEFAULT_CATALOG_IMAGES if target == "cpu"],
-    }))
-    with contextlib.ExitStack() as stack:
-        operator.stop()
-        stack.callback(operator.start)
-        process = OperatorProcess(
-            cluster=real_path.cluster, log_path=workdir / "operator.log",
-            args=("--metrics-address", f"127.0.0.1:{free_port()}"),
-            extra_env={**operator_env(resync_s=3.0, refresh_s=3.0), "PHI3_OPERATOR_CONFIG": str(config)},
-        )
-        process.start()
-        stack.callback(process.stop)
+    }
+    with operator_with_config(operator, config, tmp_path_factory.mktemp("catalog-realnode")):
         yield {image: images[image] for image in CPU_IMAGES}
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tests.support.cluster import REPO_ROOT, Cluster
 
@@ -84,3 +89,26 @@ def is_operator_agent(user_agent: str) -> bool:
     """An API request by the operator: its own client names itself phi3-operator/VERSION (k8s.new_api_client),
     kopf's watches and patches say kopf."""
     return user_agent.startswith("phi3-operator/") or "kopf" in user_agent
+
+
+@contextlib.contextmanager
+def operator_with_config(replacing: OperatorProcess, config: Mapping[str, Any], workdir: Path
+                         ) -> Iterator[OperatorProcess]:
+    """An operator reading `config` (what the chart's ConfigMap holds) in place of `replacing`, the
+    session's, which is stopped meanwhile and started again after: two operators on one model fight
+    over its Deployment."""
+    from tests.support.mlflow_server import free_port
+
+    config_path = workdir / "operator-config.yaml"
+    config_path.write_text(yaml.safe_dump(dict(config)))
+    with contextlib.ExitStack() as stack:
+        replacing.stop()
+        stack.callback(replacing.start)
+        process = OperatorProcess(
+            cluster=replacing.cluster, log_path=workdir / "operator.log",
+            args=("--metrics-address", f"127.0.0.1:{free_port()}"),
+            extra_env={**operator_env(resync_s=3.0, refresh_s=3.0), "PHI3_OPERATOR_CONFIG": str(config_path)},
+        )
+        process.start()
+        stack.callback(process.stop)
+        yield process
