@@ -301,7 +301,8 @@ class Route(Enum):
     OTHER = "other"  # metadata, docs, the repository API, unknown paths: needs a key
 
 
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/ping"})
+_SERVER_READY = "/v2/health/ready"
+_OPEN_PATHS = frozenset({"/v2/health/live", _SERVER_READY, "/ping"})
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 _MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations"})
 _V2_INFER = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/(?:infer|generate)(?:_stream)?")
@@ -459,6 +460,9 @@ class Guard:
     limits: ModelLimits = field(init=False)
     keys: ApiKeys | None = field(init=False)
     queue: _Queue = field(default_factory=_Queue)
+    # MLServer's own `/v2/health/ready` is "every registered model is ready", which is true with
+    # none registered: while the model still loads, and after its load failed. Ready waits for it.
+    model_ready: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.limits = model_limits(self.settings, context_tokens=None, running=None)
@@ -474,6 +478,7 @@ class Guard:
         )
         if self.keys is not None:
             self.keys.current()  # says now, not at the first request, whether the keys are usable
+        self.model_ready = True
         return self.limits
 
 
@@ -518,6 +523,9 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         guard = self.guard
+        if scope["path"] == _SERVER_READY and not guard.model_ready:
+            await _send_json(send, 503, error_body("the model has not loaded", code="model_not_ready"))
+            return
         route = classify(scope["method"], scope["path"])
         raw_headers: list[tuple[bytes, bytes]] = list(scope["headers"])
         if guard.keys is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.support.cluster import REPO_ROOT, Cluster, cached_binary
 from tests.support.mlflow_server import MlflowServer
 from tests.support.operator import OperatorProcess
 from tests.support.serving import package
+from tests.support.wait import wait_until
 
 NODE_NAME = "phi3-node-0"
 # Where the host serves the node's pods (API server, registry, DNS, test MLflow): the pod bridge's address.
@@ -53,11 +55,26 @@ def on_real_node(manifest: dict[str, Any]) -> dict[str, Any]:
     return placed
 
 
-def service_base_url(cluster: Cluster, name: str, namespace: str) -> str:
-    """The Service's ClusterIP: kube-proxy routes it from the host, as from any pod."""
+def service_base_url(cluster: Cluster, name: str, namespace: str, timeout: float = 60) -> str:
+    """The Service's ClusterIP: kube-proxy routes it from the host, as from any pod.
+
+    Returned once it accepts a connection: a model is Ready as soon as its pod is, and kube-proxy
+    programs the Service's new endpoint on its own next sync (a REJECT, so "connection refused",
+    until then; seconds on this 2-core machine under load)."""
     service = cluster.get("service", name, namespace)
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
-    return f"http://{service['spec']['clusterIP']}:{port}"
+    address = service["spec"]["clusterIP"]
+    wait_until(lambda: _accepts(address, port), timeout=timeout, interval=0.5,
+               message=f"kube-proxy to route Service {name} ({address}:{port})")
+    return f"http://{address}:{port}"
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def pod_start_phases(pod: dict[str, Any]) -> dict[str, float]:

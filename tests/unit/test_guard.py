@@ -452,6 +452,32 @@ def test_a_stream_holds_its_place_until_its_body_ends(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_server_ready_waits_for_the_model_to_load() -> None:
+    """MLServer's own answer is "all registered models are ready", true with none registered:
+    while the model loads and after its load failed. The guard answers 503 until it has loaded."""
+
+    async def scenario() -> None:
+        app = _StreamingApp()
+        middleware = GuardMiddleware(app, Guard(GuardSettings()))
+        before = _Client(middleware, "/v2/health/ready")
+        await before.task
+        assert before.status == 503
+        assert b"model_not_ready" in b"".join(before.chunks)
+        assert app.scopes == [], "MLServer was not asked"
+        live = _Client(middleware, "/v2/health/live")
+        await _settle()
+        assert live.status == 200, "liveness does not wait for the model"
+        app.resume.set()
+        await live.task
+        middleware.guard.model_loaded("m", context_tokens=None, running=1)
+        after = _Client(middleware, "/v2/health/ready")
+        await after.task
+        assert after.status == 200
+        assert [scope["path"] for scope in app.scopes] == ["/v2/health/live", "/v2/health/ready"]
+
+    asyncio.run(scenario())
+
+
 def test_a_stream_whose_client_goes_away_frees_its_place(tmp_path: Path) -> None:
     async def scenario() -> None:
         middleware, _ = _middleware(tmp_path)
