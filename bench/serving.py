@@ -46,6 +46,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+from tests.support.og_engine import begin_greedy_turns  # noqa: E402
 from tests.support.serving import ServedProcess  # noqa: E402
 from tests.support.tiny_model import (  # noqa: E402
     PHI3_MINI_SHAPED,
@@ -352,15 +353,7 @@ def bare_engine(model_dir: Path, max_batch: int) -> Callable[[int, int, int], di
         tokens = 0
         started = time.perf_counter()
         for _ in range(requests_per_client):  # rounds: every client's next request starts together
-            requests = []
-            for _ in range(clients):
-                request = engine.create_request()
-                options = og.TurnOptions(request)
-                options.set_max_generated_tokens(max_tokens)
-                options.set_min_generated_tokens(max_tokens)
-                options.set_do_sample(False)
-                request.begin_turn(prompt, options)
-                requests.append(request)
+            requests = begin_greedy_turns(engine, prompt, clients, max_tokens)
             streams = {id(request): tokenizer.create_stream() for request in requests}
             while engine.has_pending_requests():
                 for event in engine.run(box["events"]):

@@ -57,6 +57,12 @@ _SOLO_MARGIN = 1.05
 _CALIBRATION_TOKENS = 16
 _CALIBRATION_ROUNDS = 3
 # The generation that proves at load that the model answers (and warms its kernels).
+# onnxruntime-genai 0.18's static scheduler (`StaticBatchScheduler::Schedule`, the CPU one: no
+# PagedAttention graph there) decodes this many of its turns per step, whatever max_batch_size is
+# configured (which it only reports back); the rest wait. The scheduler here admits at most
+# max_batch_size turns to a batch, so a smaller one does narrow it. Measured against the installed engine by
+# tests/serving/test_serving_static_batch.py, which fails when an upgrade changes it.
+STATIC_BATCH_DECODE_WIDTH = 4
 _WARM_UP_TOKENS = 4
 
 logger = logging.getLogger(__name__)
@@ -201,10 +207,20 @@ class OnnxBatchEngine(OnnxEngineBase):
             speedup = f"measured Generator/engine {self.solo_speedup:.2f}x"
         else:
             speedup = "being measured while idle" if self._calibrating else "forced"
+        if self.dynamic:
+            batch = f"dynamic batching, max batch {self.max_batch_size}"
+        else:
+            batch = (f"static batching, max batch {self.max_batch_size}, "
+                     f"decoding at most {self.decode_width} together per step")
         return (
-            f"og.Engine ({'dynamic' if self.dynamic else 'static'} batching, max batch {self.max_batch_size}); "
+            f"og.Engine ({batch}); "
             f"lone requests on {'a Generator' if self.solo_enabled else 'the engine'} ({speedup})"
         )
+
+    @property
+    def decode_width(self) -> int:
+        """How many turns one engine step decodes at most: this scheduler admits `max_batch_size`."""
+        return self.max_batch_size if self.dynamic else min(self.max_batch_size, STATIC_BATCH_DECODE_WIDTH)
 
     def attach_metrics(self, metrics: ModelMetrics) -> None:
         self.metrics = metrics
