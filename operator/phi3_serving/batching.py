@@ -56,13 +56,13 @@ MAX_OPEN_STREAMS = 256
 _SOLO_MARGIN = 1.05
 _CALIBRATION_TOKENS = 16
 _CALIBRATION_ROUNDS = 3
-# The generation that proves at load that the model answers (and warms its kernels).
 # onnxruntime-genai 0.18's static scheduler (`StaticBatchScheduler::Schedule`, the CPU one: no
 # PagedAttention graph there) decodes this many of its turns per step, whatever max_batch_size is
 # configured (which it only reports back); the rest wait. The scheduler here admits at most
-# max_batch_size turns to a batch, so a smaller one does narrow it. Measured against the installed engine by
-# tests/serving/test_serving_static_batch.py, which fails when an upgrade changes it.
+# max_batch_size turns to a batch, so a smaller one does narrow it. Measured against the installed
+# engine by tests/serving/test_serving_static_batch.py, which fails when an upgrade changes it.
 STATIC_BATCH_DECODE_WIDTH = 4
+# The generation that proves at load that the model answers (and warms its kernels).
 _WARM_UP_TOKENS = 4
 
 logger = logging.getLogger(__name__)
