@@ -91,6 +91,7 @@ demo-down:
 bench: setup
 	$(BIN)/python bench/operator_bench.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/cpu_peer.py
 	$(BIN)/python bench/pyfunc_serving.py
 	$(BIN)/python bench/realnode_start.py
 

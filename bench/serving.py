@@ -269,8 +269,9 @@ CLIENT_LEVELS = (1, 2, 4, 8, 16)
 BENCH_MAX_BATCH = 16  # spec.serving.maxBatchSize for the bench: room for 16 clients
 
 
-def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
-    """`clients` threads, each streaming `requests_per_client` answers of exactly `max_tokens` tokens."""
+def sdk_streams(base_url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
+    """`clients` threads, each streaming `requests_per_client` answers of exactly `max_tokens` tokens from the
+    OpenAI server at `base_url` (ours or llama.cpp's: both honour `ignore_eos`)."""
     from openai import OpenAI
 
     ttft: list[float] = []
@@ -278,7 +279,7 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
     tokens = 0
     lock = threading.Lock()
     # Clients are made before the clock starts and start together: concurrent users, not a ramp.
-    sdks = [OpenAI(base_url=f"{served.base_url}/v1", api_key="-", max_retries=0, timeout=600) for _ in range(clients)]
+    sdks = [OpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0, timeout=600) for _ in range(clients)]
     start_line = threading.Barrier(clients)
 
     def client(sdk: OpenAI) -> None:
@@ -295,7 +296,7 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
-                extra_body={"min_tokens": max_tokens},  # every contender generates the same tokens
+                extra_body={"ignore_eos": True},  # every contender generates the same number of tokens
             ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     arrivals.append(time.perf_counter())
@@ -312,7 +313,7 @@ def sdk_streams(served: ServedProcess, clients: int, requests_per_client: int, m
         for future in [pool.submit(client, sdk) for sdk in sdks]:
             future.result()
     wall = time.perf_counter() - started
-    return {"clients": clients, "tokens_per_s": tokens / wall, "ttft_s": ttft, "itl_s": gaps}
+    return {"clients": clients, "tokens_per_s": tokens / wall, "tokens": tokens, "ttft_s": ttft, "itl_s": gaps}
 
 
 def summarize(clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -387,14 +388,14 @@ def batching_comparison(
         ServedProcess(str(model_path), "bench", scratch / f"{name}-generator.log", env=generator_env) as gen_server,
     ):
         for server in (batch_server, gen_server):  # warm-up: first requests pay for lazy setup
-            sdk_streams(server, 2, 1, 4)
+            sdk_streams(server.base_url, 2, 1, 4)
         bare(2, 1, 4)
         choice = next(
             (line for line in batch_server.log_tail(400).splitlines() if "lone requests on" in line), "not logged"
         )
         contenders: dict[str, Callable[[int, int], dict[str, Any]]] = {
-            "batch_engine_http": lambda c, n: sdk_streams(batch_server, c, n, max_tokens),
-            "per_request_generator_http": lambda c, n: sdk_streams(gen_server, c, n, max_tokens),
+            "batch_engine_http": lambda c, n: sdk_streams(batch_server.base_url, c, n, max_tokens),
+            "per_request_generator_http": lambda c, n: sdk_streams(gen_server.base_url, c, n, max_tokens),
             "bare_engine": lambda c, n: bare(c, n, max_tokens),
         }
         ratios = []

@@ -40,7 +40,7 @@ from typing import Any
 from phi3_serving.chat import ChatRequest, Completion, GenerationDefaults, StopSequenceFilter
 from phi3_serving.engine import CancellableStream, StreamEvent
 from phi3_serving.metrics import ModelMetrics, RequestMeter
-from phi3_serving.onnx_model import OnnxEngineBase, _PreparedRequest
+from phi3_serving.onnx_engine import OnnxEngineBase, PreparedOnnxRequest
 from phi3_serving.variants import OnnxVariant
 
 ENV_MAX_BATCH_SIZE = "PHI3_MAX_BATCH_SIZE"
@@ -119,7 +119,7 @@ class _End:
 
 @dataclass(eq=False)
 class _Turn:
-    prepared: _PreparedRequest
+    prepared: PreparedOnnxRequest
     meter: RequestMeter
     tokens: queue.SimpleQueue[int | _End] = field(default_factory=queue.SimpleQueue)
     request: Any = None  # og.Request once admitted to the engine
@@ -239,7 +239,7 @@ class OnnxBatchEngine(OnnxEngineBase):
         turn = _Turn(prepared=prepared, meter=RequestMeter(self.metrics, len(prepared.input_ids)))
         return CancellableStream(self._read(turn), lambda: self._cancel(turn))
 
-    def _generate(self, prepared: _PreparedRequest) -> Iterator[StreamEvent]:
+    def _generate(self, prepared: PreparedOnnxRequest) -> Iterator[StreamEvent]:
         return self._read(_Turn(prepared=prepared, meter=RequestMeter(self.metrics, len(prepared.input_ids))))
 
     def _read(self, turn: _Turn) -> Generator[StreamEvent, None, None]:

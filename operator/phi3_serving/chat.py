@@ -256,7 +256,16 @@ def _reject_unsupported(payload: Mapping[str, Any]) -> None:
 
 
 def _parse_min_tokens(payload: Mapping[str, Any], max_tokens: int) -> int:
+    ignore_eos = payload.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise InvalidRequestError("'ignore_eos' must be true or false", param="ignore_eos")
     value = _optional_int(payload, "min_tokens") or 0
+    if ignore_eos:
+        # vLLM's and llama.cpp's `ignore_eos`: generate max_tokens whatever the model says; stop
+        # sequences still apply. Benchmarks send it so that every server generates the same length.
+        if value not in (0, max_tokens):
+            raise InvalidRequestError("'ignore_eos' generates max_tokens; leave 'min_tokens' out", param="ignore_eos")
+        return max_tokens
     if not 0 <= value <= max_tokens:
         raise InvalidRequestError(f"'min_tokens' must be between 0 and max_tokens ({max_tokens})", param="min_tokens")
     return value

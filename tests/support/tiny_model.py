@@ -1,7 +1,8 @@
 """A tiny Phi-3-architecture model for tests, demos and benchmarks.
 
-Random weights (2 layers, 64 wide), a byte-level BPE tokenizer trained here on a few lines of
-text, and Phi-3's chat template. It is saved as a Hugging Face folder and converted by the
+Random weights (2 layers, 64 wide), a tokenizer trained here on a few lines of text (byte-level
+BPE, or a SentencePiece BPE model with byte fallback as Phi-3 itself ships), and Phi-3's chat
+template. It is saved as a Hugging Face folder and converted by the
 onnxruntime-genai model builder into `cpu-int4` and `cpu-fp32` variants of one folder, the
 layout `phi3-operator package onnx` takes. Nothing is downloaded: the Hub is switched off.
 
@@ -25,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 CACHE_ROOT = Path(os.environ.get("PHI3_MODEL_CACHE", Path.home() / ".cache" / "phi3-operator" / "models"))
 
@@ -67,12 +69,20 @@ class TinyModelSpec:
     # gives a real model's vocabulary shape while the locally trained tokenizer stays small.
     model_vocab_size: int = 0
     num_key_value_heads: int = 0  # 0: as many as attention heads
+    # "bpe": byte-level BPE (tokenizer.json only). "sentencepiece": a SentencePiece BPE model with
+    # byte fallback saved as tokenizer.model beside tokenizer.json, Phi-3's own layout, which
+    # llama.cpp's GGUF converter requires, so that both engines of the CPU bench see one tokenizer.
+    tokenizer: str = "bpe"
+    # The model builder's --extra_options (e.g. "int4_block_size=128"): what the CPU bench tunes.
+    builder_options: tuple[str, ...] = ()
 
 
 # Phi-3-mini's layer shapes (hidden 3072, intermediate 8192, 32 heads, 32 KV heads, vocabulary
 # 32064) with 2 decoder layers, so it fits a small machine: what the batching benchmark runs.
-# Random weights, converted locally to int4 CPU; about 0.4 B parameters before quantization.
+# Random weights, converted locally to int4 CPU; about 0.4 B parameters before quantization. Its
+# tokenizer is SentencePiece, as Phi-3's is, so that llama.cpp's converter takes it (bench/llama_cpp.py).
 PHI3_MINI_SHAPED = TinyModelSpec(
+    vocab_size=512,
     hidden_size=3072,
     intermediate_size=8192,
     num_hidden_layers=2,
@@ -81,6 +91,7 @@ PHI3_MINI_SHAPED = TinyModelSpec(
     model_vocab_size=32064,
     context_length=1024,
     variants=("cpu-int4",),
+    tokenizer="sentencepiece",
 )
 
 
@@ -101,7 +112,7 @@ def _package_versions() -> dict[str, str]:
 
 def cache_key(spec: TinyModelSpec) -> str:
     material = json.dumps(
-        {"spec": asdict(spec), "versions": _package_versions(), "template": CHAT_TEMPLATE, "format": 2},
+        {"spec": asdict(spec), "versions": _package_versions(), "template": CHAT_TEMPLATE, "format": 3},
         sort_keys=True,
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -115,27 +126,10 @@ def _build_hf_model(spec: TinyModelSpec, hf_dir: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-        model_max_length=spec.context_length,
+    tokenizer = (
+        _sentencepiece_tokenizer(spec, hf_dir) if spec.tokenizer == "sentencepiece" else _byte_level_tokenizer(spec)
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     if spec.model_vocab_size > len(tokenizer):
@@ -167,9 +161,98 @@ def _build_hf_model(spec: TinyModelSpec, hf_dir: Path) -> None:
     )
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
+    if spec.tokenizer == "sentencepiece":
+        _write_added_tokens_decoder(hf_dir)
 
 
-def _convert(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, cache_dir: Path) -> None:
+def _write_added_tokens_decoder(hf_dir: Path) -> None:
+    """Put the added tokens in tokenizer_config.json as transformers 4 wrote them (5 no longer does):
+    llama.cpp's Phi-3 converter reads them from there, or leaves those ids as [PAD] tokens."""
+    added = json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]
+    config_path = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["added_tokens_decoder"] = {
+        str(token["id"]): {key: value for key, value in token.items() if key != "id"} for token in added
+    }
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _byte_level_tokenizer(spec: TinyModelSpec) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        model_max_length=spec.context_length,
+    )
+
+
+def _sentencepiece_tokenizer(spec: TinyModelSpec, hf_dir: Path) -> Any:
+    """Phi-3's tokenizer layout: a SentencePiece BPE model (<unk>, <s>, </s>, 256 byte pieces, merges)
+    in tokenizer.model, then the chat's special tokens added after it."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    model_file = hf_dir / "tokenizer.model"
+    with model_file.open("wb") as sink:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(_CORPUS * 4),
+            model_writer=sink,
+            model_type="bpe",
+            vocab_size=spec.vocab_size,
+            # A corpus this small has fewer merges than vocab_size asks: take what it has.
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            character_coverage=1.0,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            minloglevel=2,
+        )
+    # transformers' own SentencePiece reader needs a newer protobuf than mlflow pins; sentencepiece's
+    # API gives the same vocabulary, and BPE merges follow from it (what that reader does too).
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {processor.id_to_piece(index): index for index in range(processor.get_piece_size())}
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=generate_merges(vocab),
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        add_bos_token=False,
+        add_eos_token=False,
+        legacy=False,
+        model_max_length=spec.context_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def _convert(
+    hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, cache_dir: Path, options: tuple[str, ...]
+) -> None:
     command = [
         sys.executable,
         "-m",
@@ -184,6 +267,7 @@ def _convert(hf_dir: Path, out_dir: Path, precision: str, execution_provider: st
         execution_provider,
         "-c",
         str(cache_dir),
+        *(("--extra_options", *options) if options else ()),
     ]
     result = subprocess.run(command, env=_offline_env(), capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -196,7 +280,7 @@ def _build_into(spec: TinyModelSpec, root: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="phi3-builder-cache-") as builder_cache:
         for variant in spec.variants:
             precision, provider = VARIANTS[variant]
-            _convert(hf_dir, root / "onnx" / variant, precision, provider, Path(builder_cache))
+            _convert(hf_dir, root / "onnx" / variant, precision, provider, Path(builder_cache), spec.builder_options)
 
 
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec | None = None) -> TinyModel:

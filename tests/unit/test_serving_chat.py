@@ -187,7 +187,7 @@ def test_a_64_bit_seed_is_a_seed() -> None:
 
 
 def test_onnx_seeds_fold_into_32_bits_deterministically() -> None:
-    from phi3_serving.onnx_model import og_seed
+    from phi3_serving.onnx_engine import og_seed
 
     for seed in (0, 7, -1, 2**31 - 1, -(2**31)):
         assert og_seed(seed) == seed  # in range: unchanged, so answers seeded so far stay the same

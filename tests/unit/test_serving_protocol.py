@@ -85,6 +85,8 @@ def test_answer_that_calls_a_tool_becomes_tool_calls() -> None:
         ({"tools": [TOOL, TOOL]}, "tools[1]"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"ignore_eos": True, "min_tokens": 3, "max_tokens": 5}, "ignore_eos"),
         (
             {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
             "response_format",
@@ -95,6 +97,11 @@ def test_fields_we_cannot_honour_name_themselves(fields: dict[str, Any], param: 
     with pytest.raises(InvalidRequestError) as raised:
         parse_chat_request({"messages": HI, **fields}, DEFAULTS)
     assert raised.value.param == param
+
+
+def test_ignore_eos_generates_max_tokens() -> None:
+    assert parse_chat_request({"messages": HI, "max_tokens": 7, "ignore_eos": True}, DEFAULTS).options.min_tokens == 7
+    assert parse_chat_request({"messages": HI, "max_tokens": 7, "ignore_eos": False}, DEFAULTS).options.min_tokens == 0
 
 
 def test_harmless_fields_and_seed_are_accepted() -> None:
