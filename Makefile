@@ -57,7 +57,7 @@ images: setup cluster-up
 	hack/images build
 
 lint: venv
-	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster hack/images
+	$(BIN)/ruff check operator tests bench hack/*.py hack/localcluster hack/localcluster_lib hack/images
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

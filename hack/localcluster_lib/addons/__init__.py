@@ -1,0 +1,1 @@
+"""Add-ons built (and started) only when asked for: one module each."""
