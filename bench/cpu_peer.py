@@ -11,8 +11,9 @@ them alike:
   4, 8 and 16 clients: our runtime (`phi3-operator serve`, og.Engine) and `llama-server -np 8 -t 2`:
   aggregate tokens/s, TTFT p50/p99, ITL p50;
 - the bare engines: an og.Engine loop, `llama-bench -t 2` and `llama-batched-bench -t 2`;
-- tuning, each variant of our runtime in the same rounds as its baseline at 1 and 8 clients: session
-  options (`session.intra_op.allow_spinning`, `intra_op_num_threads`) and the int4 block size;
+- tuning, each variant of our runtime served alone, in rotating rounds, against the runtime's default at
+  1 and 8 clients: session options (`session.intra_op.allow_spinning`, `intra_op_num_threads`) and the
+  int4 block size (128 against the builder's 32);
 - a per-op profile of batched decode steps (ORT's `enable_profiling`).
 
 Targets (ratios within one run): 1 client >= 0.9x llama-server; 8 clients >= 0.8x llama-server -np 8;
@@ -47,12 +48,12 @@ import llama_cpp  # noqa: E402
 from tests.support.serving import ServedProcess  # noqa: E402
 from tests.support.tiny_model import CACHE_ROOT, PHI3_MINI_SHAPED, TinyModelSpec, build_tiny_model, cache_key  # noqa: E402
 
+from phi3_serving.cpus import SPINNING_KEYS  # noqa: E402
 from serving import MESSAGES, bare_engine, sdk_streams, summarize  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results" / "cpu_peer.json"
 VARIANT = "cpu-int4"
 CLIENT_LEVELS = (1, 2, 4, 8, 16)
-TUNING_LEVELS = (1, 8)
 MAX_BATCH = 16  # spec.serving.maxBatchSize for our runtime: room for every level
 LLAMA_PARALLEL = 8
 THREADS = 2
@@ -66,13 +67,13 @@ def model_folder(spec: TinyModelSpec) -> Path:
 
 
 def with_session_options(onnx_dir: Path, out_dir: Path, options: dict[str, Any]) -> Path:
-    """A copy of the model folder whose decoder session options carry `options` (weights are linked)."""
+    """A copy of the model folder whose decoder session options carry `options`."""
     variant = onnx_dir / VARIANT
     target = out_dir / VARIANT
     target.mkdir(parents=True)
     for item in variant.iterdir():
         if item.name != "genai_config.json":
-            os.symlink(item, target / item.name)
+            shutil.copy2(item, target / item.name)  # MLflow refuses links that leave the folder
     config = json.loads((variant / "genai_config.json").read_text())
     config["model"]["decoder"].setdefault("session_options", {}).update(options)
     (target / "genai_config.json").write_text(json.dumps(config, indent=2))
@@ -118,6 +119,37 @@ def ratio(rows: dict[str, list[dict[str, Any]]], numerator: str, denominator: st
     return float(statistics.median(
         a / b for a, b in zip(top["tokens_per_s_runs"], bottom["tokens_per_s_runs"], strict=True)
     ))
+
+
+def tune_in_isolation(saved: dict[str, Path], env: dict[str, str], scratch: Path, max_tokens: int,
+                      rounds: int) -> dict[str, Any]:
+    """Each variant served alone (two of our servers side by side slow each other down far more than the
+    variants differ), in rotating order, `rounds` times; a ratio is taken within a round, the median kept."""
+    levels = {1: 8, 8: 2}  # clients: requests per client
+    speeds: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in saved}
+    names = list(saved)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            with ServedProcess(str(saved[name]), "bench", scratch / f"{name}.log", env=env) as server:
+                sdk_streams(server.base_url, 2, 1, 4)
+                time.sleep(3)  # the lone-request measurement runs while the server is idle: let it end
+                for clients, requests in levels.items():
+                    run = sdk_streams(server.base_url, clients, requests, max_tokens)
+                    speeds[name][clients].append(run["tokens_per_s"])
+            latest = {c: round(v[-1], 1) for c, v in speeds[name].items()}
+            print(f"  round {round_index}: {name} {latest}", flush=True)
+    baseline = "runtime_default"
+    return {
+        name: {
+            "tokens_per_s": {str(c): values for c, values in by_clients.items()},
+            "over_runtime_default": {
+                str(c): statistics.median(v / b for v, b in zip(values, speeds[baseline][c], strict=True))
+                for c, values in by_clients.items()
+            },
+        }
+        for name, by_clients in speeds.items()
+    }
 
 
 def prompt_tokens(base_url: str) -> int:
@@ -169,6 +201,7 @@ def profile_decode(onnx_dir: Path, scratch: Path, batch: int, steps: int) -> dic
     import onnxruntime_genai as og
     from tests.support.og_engine import begin_greedy_turns
 
+    scratch.mkdir(parents=True, exist_ok=True)
     prefix = scratch / "ort-profile"
     config = og.Config(str(onnx_dir / VARIANT))
     config.overlay(json.dumps({
@@ -190,22 +223,33 @@ def profile_decode(onnx_dir: Path, scratch: Path, batch: int, steps: int) -> dic
         request.close()
     del engine, model
     (trace,) = scratch.glob("ort-profile*.json")
+    events = json.loads(trace.read_text())
+    runs = [event for event in events if event.get("cat") == "Session" and event.get("name") == "model_run"]
+    prefill = max(runs, key=lambda event: event["dur"])  # the prompt's run is the longest: leave it out
+    decode_runs = [event for event in runs if event is not prefill]
     by_op: dict[str, float] = defaultdict(float)
-    runs: list[float] = []
-    for event in json.loads(trace.read_text()):
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            by_op[event["args"].get("op_name", "?")] += event["dur"]
-        elif event.get("cat") == "Session" and event.get("name") == "model_run":
-            runs.append(event["dur"])
-    decode_runs = sorted(runs)[: max(1, len(runs) - 1)]  # the prefill is the longest run: leave it out
+    by_node: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if prefill["ts"] <= event["ts"] <= prefill["ts"] + prefill["dur"]:
+            continue
+        by_op[event["args"].get("op_name", "?")] += event["dur"]
+        by_node[event["name"].removesuffix("_kernel_time")] += event["dur"]
     total = sum(by_op.values())
+    steps = len(decode_runs)
     return {
         "batch": batch,
-        "session_runs": len(runs),
-        "decode_step_ms_median": statistics.median(decode_runs) / 1e3,
-        "prefill_ms": max(runs) / 1e3 if runs else None,
+        "decode_steps": steps,
+        "decode_step_ms_median": statistics.median(event["dur"] for event in decode_runs) / 1e3,
+        "prefill_ms": prefill["dur"] / 1e3,
         "share_by_op": {op: round(us / total, 4) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])},
-        "ms_by_op": {op: round(us / 1e3, 1) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "ms_per_step_by_op": {
+            op: round(us / 1e3 / steps, 2) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])
+        },
+        "ms_per_step_top_nodes": {
+            node: round(us / 1e3 / steps, 2) for node, us in sorted(by_node.items(), key=lambda kv: -kv[1])[:8]
+        },
     }
 
 
@@ -225,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     llama_dir = llama_cpp.build()
     spec = PHI3_MINI_SHAPED
     folder = model_folder(spec)
-    block_128 = model_folder(replace(spec, builder_options=("int4_block_size=128",)))
+    block_128 = model_folder(replace(spec, builder_options=("block_size=128",)))
     gguf = llama_cpp.to_gguf(folder / "hf", folder / f"gguf-llama-cpp-python-{llama_cpp.LLAMA_CPP_PYTHON_VERSION}")
     print(f"models ready in {time.monotonic() - started:.0f}s: {folder}, {gguf.name}", flush=True)
 
@@ -246,11 +290,30 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": max_tokens,
         "llama_server": {"parallel": LLAMA_PARALLEL, "threads": THREADS, "binary": str(llama_dir / "bin")},
     }
+    def checkpoint() -> None:  # a phase's numbers survive a later phase's failure
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
     serve_env = {"PHI3_ONNX_VARIANT": VARIANT, "PHI3_ONNX_ENGINE": "batch", "PHI3_MAX_BATCH_SIZE": str(MAX_BATCH),
                  "PHI3_MAX_TOKENS": str(max_tokens)}
     with tempfile.TemporaryDirectory(prefix="phi3-bench-cpu-peer-") as scratch_name:
         scratch = Path(scratch_name)
-        ours_path = save_onnx_model(folder / "onnx", scratch / "ours-mlflow")
+        # Every variant is made before anything is measured, so that a bad one fails in seconds. The
+        # baseline is the runtime's own choice (phi3_serving.cpus: here 2 threads, onnxruntime's spinning);
+        # the others state their session options in the model, which the runtime then keeps.
+        no_spinning = dict.fromkeys(SPINNING_KEYS, "0")
+        variants = {
+            "runtime_default": folder / "onnx",
+            "no_spinning": with_session_options(folder / "onnx", scratch / "no_spinning", no_spinning),
+            "1_thread": with_session_options(folder / "onnx", scratch / "1_thread", {"intra_op_num_threads": 1}),
+            "1_thread_no_spinning": with_session_options(
+                folder / "onnx", scratch / "1_thread_no_spinning", {"intra_op_num_threads": 1, **no_spinning}),
+            "block_size_128": block_128 / "onnx",
+        }
+        saved = {name: save_onnx_model(path, scratch / f"{name}-mlflow") for name, path in variants.items()}
+        for name in variants:  # the copies' weights are in the saved models now
+            shutil.rmtree(scratch / name, ignore_errors=True)
+        ours_path = saved["runtime_default"]
         with (
             ServedProcess(str(ours_path), "bench", scratch / "ours.log", env=serve_env) as ours,
             llama_cpp.LlamaServer(gguf, scratch / "llama-server.log", parallel=LLAMA_PARALLEL,
@@ -282,46 +345,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             for clients in CLIENT_LEVELS
         ]
+        checkpoint()
         print("bare llama.cpp ...", flush=True)
         prompt = result["prompt_tokens"]["llama_server"]
         result["llama_bench"] = llama_bench(gguf, prompt, max_tokens)
         result["llama_batched_bench"] = llama_batched_bench(gguf, prompt, max_tokens)
 
+        checkpoint()
         print("tuning ...", flush=True)
-        variants = {
-            "baseline": folder / "onnx",
-            "no_spinning": with_session_options(folder / "onnx", scratch / "no-spinning", {
-                "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}),
-            "intra_op_threads_1": with_session_options(folder / "onnx", scratch / "threads-1",
-                                                       {"intra_op_num_threads": 1}),
-            "block_size_128": block_128 / "onnx",
-        }
-        servers = {
-            name: ServedProcess(str(save_onnx_model(path, scratch / f"{name}-mlflow")), "bench",
-                                scratch / f"{name}.log", env=serve_env)
-            for name, path in variants.items()
-        }
-        # One at a time beside the baseline, so that idle servers' threads do not share the cores.
-        tuning: dict[str, Any] = {}
-        with servers["baseline"] as baseline:
-            for name, server in servers.items():
-                if name == "baseline":
-                    continue
-                with server:
-                    sdk_streams(server.base_url, 2, 1, 4)
-                    rows = run_levels(
-                        {
-                            "baseline": lambda c, n: sdk_streams(baseline.base_url, c, n, max_tokens),
-                            name: lambda c, n, url=server.base_url: sdk_streams(url, c, n, max_tokens),
-                        },
-                        TUNING_LEVELS, max_tokens, tokens_per_level, reps,
-                    )
-                tuning[name] = {
-                    "rows": rows,
-                    "over_baseline": {str(c): ratio(rows, name, "baseline", c) for c in TUNING_LEVELS},
-                }
-                print(f"  {name}: {tuning[name]['over_baseline']}", flush=True)
-        result["tuning"] = tuning
+        result["tuning"] = tune_in_isolation(saved, serve_env, scratch, max_tokens, rounds=2)
+        checkpoint()
 
         print("profile ...", flush=True)
         result["profile"] = {str(batch): profile_decode(folder / "onnx", scratch / f"profile-{batch}", batch, 16)
@@ -337,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "8_clients_ours_http_over_bare": {"target": 0.9, "measured": at[8]["ours_http_over_ours_bare"]},
     }
     result["wall_s"] = round(time.monotonic() - started)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    checkpoint()
     for clients in CLIENT_LEVELS:
         cells = []
         for name in side:

@@ -331,12 +331,20 @@ def summarize(clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bare_engine(model_dir: Path, max_batch: int) -> Callable[[int, int, int], dict[str, Any]]:
-    """The loop onnxruntime-genai's engine examples use: begin every turn, run until none is pending."""
+    """The loop onnxruntime-genai's engine examples use: begin every turn, run until none is pending. It gets
+    the session options the runtime would give the model (threads, spinning), so that only the serving differs."""
     import numpy as np
     import onnxruntime_genai as og
 
+    from phi3_serving.onnx_engine import runtime_session_options
+    from phi3_serving.variants import read_genai_config
+
+    session = runtime_session_options(read_genai_config(model_dir), os.environ)
     config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": max_batch}}}))
+    config.overlay(json.dumps({
+        "engine": {"static_batching": {"max_batch_size": max_batch}},
+        "model": {"decoder": {"session_options": session}},
+    }))
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     box: dict[str, Any] = {}

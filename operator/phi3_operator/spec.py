@@ -112,6 +112,8 @@ FIELDS: tuple[Field, ...] = (
     # None: the runtime derives both from what it serves (the model's context, the engine's concurrency).
     Field("serving.maxRequestBytes", "integer", None, minimum=1024, maximum=1 << 30, env="PHI3_MAX_REQUEST_BYTES"),
     Field("serving.maxQueuedRequests", "integer", None, minimum=0, maximum=100000, env="PHI3_MAX_QUEUED_REQUESTS"),
+    # None: the CPUs the container may use, less one for the server (phi3_serving.cpus).
+    Field("serving.cpuThreads", "integer", None, minimum=1, maximum=256, env="PHI3_CPU_THREADS"),
     Field("service.type", "string", "ClusterIP", enum=("ClusterIP", "NodePort", "LoadBalancer")),
     Field("service.port", "integer", 8080, minimum=1, maximum=65535),
 )
@@ -201,6 +203,7 @@ class Serving:
     max_batch_size: int | None = None
     max_request_bytes: int | None = None
     max_queued_requests: int | None = None
+    cpu_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,8 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
         service=ServiceSpec(type=value_of(raw, "service.type"), port=value_of(raw, "service.port")),
         serving=Serving(max_batch_size=value_of(raw, "serving.maxBatchSize"),
                         max_request_bytes=value_of(raw, "serving.maxRequestBytes"),
-                        max_queued_requests=value_of(raw, "serving.maxQueuedRequests")),
+                        max_queued_requests=value_of(raw, "serving.maxQueuedRequests"),
+                        cpu_threads=value_of(raw, "serving.cpuThreads")),
         auth=_auth(raw),
         network=_network(raw),
     )

@@ -26,7 +26,6 @@ What the engine can and cannot do decides the design (onnxruntime-genai 0.18, ve
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import statistics
@@ -142,13 +141,13 @@ class OnnxBatchEngine(OnnxEngineBase):
         import onnxruntime_genai as og
 
         options = options or BatchOptions()
-        config = og.Config(str(variant.path))
         engine_section = read_engine_section(variant.path)
         self.dynamic = "dynamic_batching" in engine_section
+        engine_overlay = None
         if options.max_batch_size is not None:
             section = "dynamic_batching" if self.dynamic else "static_batching"
-            config.overlay(json.dumps({"engine": {section: {"max_batch_size": options.max_batch_size}}}))
-        super().__init__(variant, defaults=defaults, model=og.Model(config))
+            engine_overlay = {section: {"max_batch_size": options.max_batch_size}}
+        super().__init__(variant, defaults=defaults, engine_overlay=engine_overlay)
         self._token_flag = int(og.EngineEventFlags.TOKEN)
         self._finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
         self._failed_flag = int(og.EngineEventFlags.FAILED)
@@ -213,7 +212,7 @@ class OnnxBatchEngine(OnnxEngineBase):
             batch = (f"static batching, max batch {self.max_batch_size}, "
                      f"decoding at most {self.decode_width} together per step")
         return (
-            f"og.Engine ({batch}); "
+            f"og.Engine ({batch}; {self.describe_threads()}); "
             f"lone requests on {'a Generator' if self.solo_enabled else 'the engine'} ({speedup})"
         )
 

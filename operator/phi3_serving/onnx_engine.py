@@ -8,7 +8,8 @@ per-request og.Generator path.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,10 @@ from phi3_serving.chat import (
     InvalidRequestError,
     StopSequenceFilter,
 )
+from phi3_serving.cpus import cgroup_cpu_limit, cpu_session_options, this_process_affinity
 from phi3_serving.engine import PreparedChatEngine, StreamEvent
 from phi3_serving.metrics import ModelMetrics, RequestMeter
-from phi3_serving.variants import OnnxVariant, context_length, read_genai_config
+from phi3_serving.variants import OnnxVariant, context_length, execution_target, read_genai_config
 
 # Phi-3's format, for a tokenizer that ships no chat template of its own.
 _FALLBACK_TEMPLATE_ROLE = "<|{role}|>\n{content}<|end|>\n"
@@ -50,6 +52,14 @@ def og_seed(seed: int) -> int:
     return seed if -(2**31) <= seed <= _INT32_MAX else seed % 2**31
 
 
+def runtime_session_options(genai_config: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """The decoder session options the runtime adds to the model's (CPU models only; see `cpus`)."""
+    if execution_target(dict(genai_config)) != "cpu":
+        return {}
+    model_options = genai_config.get("model", {}).get("decoder", {}).get("session_options", {})
+    return cpu_session_options(model_options, env, cgroup_cpu_limit(), this_process_affinity())
+
+
 @dataclass(frozen=True)
 class PreparedOnnxRequest:
     input_ids: Any  # numpy int32 array
@@ -64,7 +74,14 @@ class OnnxEngineBase(PreparedChatEngine[PreparedOnnxRequest]):
     # Threads that may run `stream` at once; the runtime sizes its pool from it.
     max_concurrency: int
 
-    def __init__(self, variant: OnnxVariant, *, defaults: GenerationDefaults | None, model: Any = None) -> None:
+    def __init__(
+        self,
+        variant: OnnxVariant,
+        *,
+        defaults: GenerationDefaults | None,
+        engine_overlay: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         import onnxruntime_genai as og
 
         self._og = og
@@ -72,13 +89,27 @@ class OnnxEngineBase(PreparedChatEngine[PreparedOnnxRequest]):
         self.genai_config = read_genai_config(variant.path)
         self.context_length = context_length(self.genai_config)
         self.vocab_size = int(self.genai_config.get("model", {}).get("vocab_size") or _INT32_MAX)
-        self._model = model if model is not None else og.Model(str(variant.path))
+        self.session_options = runtime_session_options(self.genai_config, os.environ if env is None else env)
+        overlay: dict[str, Any] = {}
+        if self.session_options:
+            overlay["model"] = {"decoder": {"session_options": self.session_options}}
+        if engine_overlay:
+            overlay["engine"] = dict(engine_overlay)
+        config = og.Config(str(variant.path))
+        if overlay:
+            config.overlay(json.dumps(overlay))
+        self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
         self._eos_token_ids = frozenset(int(token) for token in self._tokenizer.eos_token_ids)
         self._defaults = defaults or GenerationDefaults()
         self._model_id = f"onnx-genai/{variant.name}"
         self.metrics: ModelMetrics | None = None
         self._good_grammars: set[tuple[str, str]] = set()
+
+    def describe_threads(self) -> str:
+        """The onnxruntime settings the runtime chose, for the engine's log line."""
+        threads = self.session_options.get("intra_op_num_threads")
+        return f"{threads} onnxruntime threads" if threads is not None else "the model's onnxruntime threads"
 
     def render_prompt(self, request: ChatRequest) -> str:
         """The text the model sees: a raw prompt as is, chat messages through the chat template."""

@@ -65,6 +65,10 @@ class OnnxGenAIEngine(OnnxEngineBase):
             return cls(variant, defaults=defaults, max_concurrency=max_concurrency_from_env(env))
         return OnnxBatchEngine(variant, defaults=defaults, options=batch_options_from_env(env))
 
+    def describe(self) -> str:
+        """One log line: how requests run."""
+        return f"one og.Generator per request, at most {self.max_concurrency} at once; {self.describe_threads()}"
+
     # -- internals -----------------------------------------------------------------------------
 
     def _generate(self, prepared: PreparedOnnxRequest) -> Iterator[StreamEvent]:

@@ -31,6 +31,7 @@ from phi3_operator.builders import BuildContext, Owner, build_children
 from phi3_operator.spec import FIELDS, FIELDS_BY_PATH, RULES, Field, SpecError, parse_spec
 from phi3_serving.batching import batch_options_from_env
 from phi3_serving.chat import GenerationDefaults
+from phi3_serving.cpus import ENV_CPU_THREADS
 from phi3_serving.engine import max_concurrency_from_env
 from phi3_serving.guard import ENV_API_KEYS_DIR, ENV_MAX_QUEUED_REQUESTS, ENV_MAX_REQUEST_BYTES, GuardSettings
 
@@ -110,6 +111,7 @@ def test_the_chart_carries_the_crd_unchanged() -> None:
 def test_the_builders_name_the_guards_variables() -> None:
     assert FIELDS_BY_PATH["serving.maxRequestBytes"].env == ENV_MAX_REQUEST_BYTES
     assert FIELDS_BY_PATH["serving.maxQueuedRequests"].env == ENV_MAX_QUEUED_REQUESTS
+    assert FIELDS_BY_PATH["serving.cpuThreads"].env == ENV_CPU_THREADS
     env = runtime_env({"model": {"uri": "models:/m/1"}, "hardware": {"target": "cpu"},
                        "auth": {"apiKeySecretRef": {"name": "keys"}}})
     assert GuardSettings.from_env(env).api_keys_dir == Path(env[ENV_API_KEYS_DIR])

@@ -70,7 +70,8 @@ def env_vars(ctx: BuildContext) -> list[dict[str, Any]]:
     serving = ctx.spec.serving
     for path, value in (("serving.maxBatchSize", serving.max_batch_size),
                         ("serving.maxRequestBytes", serving.max_request_bytes),
-                        ("serving.maxQueuedRequests", serving.max_queued_requests)):
+                        ("serving.maxQueuedRequests", serving.max_queued_requests),
+                        ("serving.cpuThreads", serving.cpu_threads)):
         if value is not None:
             env.append({"name": FIELDS_BY_PATH[path].env, "value": str(value)})
     if ctx.spec.auth is not None:
