@@ -112,7 +112,7 @@ FIELDS: tuple[Field, ...] = (
     # None: the runtime derives both from what it serves (the model's context, the engine's concurrency).
     Field("serving.maxRequestBytes", "integer", None, minimum=1024, maximum=1 << 30, env="PHI3_MAX_REQUEST_BYTES"),
     Field("serving.maxQueuedRequests", "integer", None, minimum=0, maximum=100000, env="PHI3_MAX_QUEUED_REQUESTS"),
-    # None: the CPUs the container may use, less one for the server (phi3_serving.cpus).
+    # None: the model's own setting, else the CPUs the container may use (phi3_serving.cpus).
     Field("serving.cpuThreads", "integer", None, minimum=1, maximum=256, env="PHI3_CPU_THREADS"),
     Field("service.type", "string", "ClusterIP", enum=("ClusterIP", "NodePort", "LoadBalancer")),
     Field("service.port", "integer", 8080, minimum=1, maximum=65535),

@@ -29,7 +29,11 @@ def parse_cpu_max(text: str) -> float | None:
     parts = text.split()
     if len(parts) != 2 or parts[0] == "max":
         return None
-    quota, period = float(parts[0]), float(parts[1])
+    return _quota_in_cpus(float(parts[0]), float(parts[1]))
+
+
+def _quota_in_cpus(quota: float, period: float) -> float | None:
+    """A CFS quota over its period; None for "no limit" (v1 writes -1)."""
     return quota / period if quota > 0 and period > 0 else None
 
 
@@ -44,7 +48,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
         period = float((root / "cpu" / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-    return quota / period if quota > 0 and period > 0 else None
+    return _quota_in_cpus(quota, period)
 
 
 def usable_cpus(limit: float | None, affinity: int) -> int:
