@@ -100,6 +100,9 @@ rules:
 """
 
 
+NODE_MONITOR_GRACE_S = 300
+
+
 def components() -> list[Component]:
     pki = STATE_DIR / "pki"
     kubeconfig = str(kubeconfig_path())
@@ -142,6 +145,10 @@ def components() -> list[Component]:
             "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*", "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10",
             "--kube-api-qps=200", "--kube-api-burst=400",
+            # kwok renews its fake nodes' heartbeat about every 50 s, close to the default grace (50 s): under
+            # load one renewal was late, the node controller marked every pod on the node NotReady, and kwok
+            # never readies a pod again. No test needs a node's loss noticed quickly.
+            f"--node-monitor-grace-period={NODE_MONITOR_GRACE_S}s",
         ], lambda: http_ok(f"https://{HOST}:{KCM_PORT}/healthz", insecure_tls())),
         Component("kube-scheduler", [
             binary("kube-scheduler"), f"--kubeconfig={kubeconfig}",

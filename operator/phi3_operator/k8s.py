@@ -36,6 +36,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("batch/v1", "Job"): "jobs",
     ("phi3.ai/v1alpha1", "Phi3Model"): "phi3models",
     ("coordination.k8s.io/v1", "Lease"): "leases",
+    ("serving.knative.dev/v1", "Configuration"): "configurations",
+    ("serving.knative.dev/v1", "Revision"): "revisions",
 }
 
 
@@ -218,6 +220,16 @@ class KubeApi:
         info = self._call("GET", "/version") or {}
         digits = re.match(r"\d+", str(info.get("minor", "")))
         return int(digits.group()) if digits else None
+
+    def serves(self, api_version: str, kind: str) -> bool:
+        """Does the API server serve this kind (its CRD is installed)? One discovery read."""
+        try:
+            found = self._call("GET", f"/apis/{api_version}") or {}
+        except KubeError as error:
+            if error.status == 404:
+                return False
+            raise
+        return any(r.get("kind") == kind for r in found.get("resources", []))
 
     def delete(self, key: ObjectKey) -> bool:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from phi3_operator.builders import BuildContext, Owner, build_children
 from phi3_operator.builders.build import BuildRequest, build_context_configmap, build_job, job_outcome
 from phi3_operator.builders.common import API_VERSION, KIND
 from phi3_operator.builders.delivery import PublishRequest, choose_delivery, publish_job, publish_outcome
+from phi3_operator.builders.knative import KNATIVE_API_VERSION, revision_url
 from phi3_operator.images import ImageDecision, NoCompatibleImage, onnx_variant, requirements_named, select_image
 from phi3_operator.k8s import KubeApi, KubeError, ObjectKey, emit_event
 from phi3_operator.metrics import Metrics
@@ -34,6 +36,7 @@ from phi3_operator.status import (
     endpoint_urls,
     failure_status,
     now_rfc3339,
+    revision_available,
     status_changed,
 )
 from phi3_operator.workqueue import Retry
@@ -43,6 +46,13 @@ logger = logging.getLogger(__name__)
 BUILD_POLL_S = 10.0
 OPTIONAL_CHILDREN = (("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
                      ("networking.k8s.io/v1", "NetworkPolicy"))
+# What serves a model, one way or the other: the way no longer wanted goes once the other is available.
+SERVING_CHILDREN = (("apps/v1", "Deployment"), ("v1", "Service"), (KNATIVE_API_VERSION, "Configuration"))
+# Knative's objects are not watched: a model it serves is looked at this often, so that its status
+# follows the Revision as it scales (to zero and back).
+ELASTIC_POLL_S = 15.0
+# Whether Knative Serving is installed is asked again this often: it may be installed after the operator.
+KNATIVE_RECHECK_S = 60.0
 
 
 ModelKey = tuple[str, str]  # (namespace, name)
@@ -156,15 +166,25 @@ class Reconciler:
     _optional_children: set[tuple[str, str]] = field(default_factory=set)
     _pruned: set[str] = field(default_factory=set)
     _server_minor: list[int | None] = field(default_factory=list)  # asked once per process
+    _knative_seen: list[tuple[float, bool]] = field(default_factory=list)  # (when asked, installed)
+    # Per model uid: the children it had when the other way of serving was last looked for.
+    _serving_pruned: dict[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
 
     def server_minor(self) -> int | None:
         if not self._server_minor:
             self._server_minor.append(self.api.server_minor())
         return self._server_minor[0]
 
+    def knative_installed(self) -> bool:
+        now = time.monotonic()
+        if not self._knative_seen or now - self._knative_seen[0][0] > KNATIVE_RECHECK_S:
+            self._knative_seen[:] = [(now, self.api.serves(KNATIVE_API_VERSION, "Configuration"))]
+        return self._knative_seen[0][1]
+
     def forget(self, uid: str) -> None:
         self._written_status.pop(uid, None)
         self._pruned.discard(uid)
+        self._serving_pruned.pop(uid, None)
         self._optional_children = {(u, kind) for u, kind in self._optional_children if u != uid}
 
     def needs_reconcile(self, body: Mapping[str, Any]) -> bool:
@@ -283,6 +303,21 @@ class Reconciler:
             raise
         self.metrics.reconciled("ok" if outcome.requeue_after is None else "requeue")
         return outcome
+
+
+def elastic_condition(spec: Phi3ModelSpec, elastic: bool) -> Condition:
+    autoscaling = spec.autoscaling
+    assert autoscaling is not None
+    if elastic:
+        return Condition("ElasticServing", "True", "Knative",
+                         f"Knative Serving scales it on requests in flight: {autoscaling.target_requests_per_replica} "
+                         f"per pod, {autoscaling.min_replicas} to {autoscaling.max_replicas} pods, one removed "
+                         f"after {autoscaling.scale_down_delay_s}s of lower load")
+    low = max(1, autoscaling.min_replicas)
+    return Condition("ElasticServing", "False", "KnativeMissing",
+                     "autoscaling on RequestsPerReplica, and minReplicas: 0 with requests held while a pod starts, "
+                     "need Knative Serving (serving.knative.dev/v1) in the cluster; until it is installed an HPA "
+                     f"scales the Deployment on CPU, {low} to {autoscaling.max_replicas} pods")
 
 
 def keep_start(delivery: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
@@ -427,7 +462,8 @@ class _Pass:
         else:
             conditions.append(Condition("ImageReady", "True", decision.source, f"using {decision.image}"))
 
-        delivery, delivered, retry_after = self.deliver(spec, model, image, tracking_uri)
+        elastic = spec.autoscaling is not None and spec.autoscaling.on_requests and self.r.knative_installed()
+        delivery, delivered, retry_after = self.deliver(spec, model, image, tracking_uri, elastic)
         if delivery is None:
             return self.hold_for_build(conditions, delivered, retry_after, model.as_status(spec.model.uri))
         conditions.append(delivered)
@@ -453,28 +489,44 @@ class _Pass:
             model_image=str(delivery.get("image", "")),
             model_size_bytes=int(delivery.get("sizeBytes", 0)),
             monitoring_peers=self.r.settings.monitoring_peers,
+            knative=elastic,
         )
-        deployment = self.apply_children(ctx)
-
-        available, replicas, ready = self.r.serving_condition(deployment)
+        serving = self.apply_children(ctx)
+        api_key_secret = spec.auth.api_key_secret if spec.auth else None
+        idle_since = ""
+        if ctx.elastic:
+            revision = self.newest_revision(serving)
+            available, replicas, ready, idle_since = revision_available(serving, revision)
+            endpoint = endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port, api_key_secret,
+                                     revision_url(revision["metadata"]["name"], self.owner.namespace)
+                                     ) if revision else {}
+        else:
+            available, replicas, ready = self.r.serving_condition(serving)
+            endpoint = endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port, api_key_secret)
+            delivery = self.r.note_start(self.key, self.owner.uid, available, serving,
+                                         keep_start(delivery, self.current_status.get("delivery") or {}))
         conditions.append(available)
-        delivery = self.r.note_start(self.key, self.owner.uid, available, deployment,
-                                     keep_start(delivery, self.current_status.get("delivery") or {}))
+        if available.status == "True":
+            self.prune_serving_children({(m["apiVersion"], m["kind"]) for m in build_children(ctx)})
+        if spec.autoscaling is not None and spec.autoscaling.on_requests:
+            conditions.append(elastic_condition(spec, ctx.elastic))
         self.write_status(
             ObservedState(
                 generation=self.generation,
                 conditions=conditions,
                 model=model.as_status(spec.model.uri),
                 image=image,
-                endpoint=endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port,
-                                       spec.auth.api_key_secret if spec.auth else None),
+                endpoint=endpoint,
                 replicas=replicas,
                 ready_replicas=ready,
                 delivery=delivery,
+                idle_since=idle_since,
             )
         )
         resolution = conditions[0]
         if resolution.status == "True":
+            if ctx.elastic:
+                return Outcome(requeue_after=ELASTIC_POLL_S, message="following the Knative Revision's scale")
             return Outcome()
         self.warn_once(resolution)
         # Serving the last resolved version while resolution fails is a planned wait, not a failure.
@@ -548,12 +600,16 @@ class _Pass:
         return None, Condition("ImageReady", "False", "Building", message), BUILD_POLL_S
 
     def deliver(
-        self, spec: Phi3ModelSpec, model: ResolvedModel, runtime_image: str, tracking_uri: str
+        self, spec: Phi3ModelSpec, model: ResolvedModel, runtime_image: str, tracking_uri: str, elastic: bool,
     ) -> tuple[dict[str, Any] | None, Condition, float | None]:
         """(status.delivery or None while the model cannot be delivered yet, the ModelDelivered
         condition, when to look again). ImageVolume publishes the version once, through a Job."""
         settings = self.r.settings
         requested = spec.model.delivery
+        if elastic:
+            return {"mode": "Download"}, Condition(
+                "ModelDelivered", "True", "PerPodDownload",
+                "each pod downloads the model from MLflow (a Knative Revision cannot mount an image volume)"), None
         choice = choose_delivery(requested, settings.model_registry, spec.image.registry,
                                  self.r.server_minor() if requested == "Auto" and settings.model_registry else None,
                                  model.name or self.owner.name)
@@ -633,12 +689,37 @@ class _Pass:
             if change != "unchanged":
                 self.r.metrics.wrote(manifest["kind"])
                 applied.append(f"{change} {manifest['kind']} {manifest['metadata']['name']}")
-            if manifest["kind"] == "Deployment":
+            if manifest["kind"] in ("Deployment", "Configuration"):  # what serves: the first child
                 deployment, deployment_was_new = live, change == "created"
         if applied:
             self.event("Normal", "Applied", "; ".join(applied))
         self.prune_optional_children({(m["apiVersion"], m["kind"]) for m in desired}, look=not deployment_was_new)
         return deployment
+
+    def newest_revision(self, configuration: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The Configuration's newest Revision, once Knative has made one for its current generation."""
+        status = (configuration or {}).get("status", {})
+        name = status.get("latestCreatedRevisionName")
+        if not name:
+            return None
+        return self.r.api.get(ObjectKey(KNATIVE_API_VERSION, "Revision", self.owner.namespace, name))
+
+    def prune_serving_children(self, wanted: set[tuple[str, str]]) -> None:
+        """Once one way of serving is available, the other's children go (a switch of
+        autoscaling.metric, or Knative installed or removed). Looked for once per object and process."""
+        if self.r._serving_pruned.get(self.owner.uid) == frozenset(wanted):
+            return
+        for api_version, kind in SERVING_CHILDREN:
+            if (api_version, kind) in wanted or (kind == "Configuration" and not self.r.knative_installed()):
+                continue
+            key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
+            existing = self.r.api.get(key)
+            if existing is not None and any(
+                ref.get("uid") == self.owner.uid for ref in existing["metadata"].get("ownerReferences", [])
+            ):
+                self.r.api.delete(key)
+                self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: the model is served another way")
+        self.r._serving_pruned[self.owner.uid] = frozenset(wanted)
 
     def prune_optional_children(self, wanted: set[tuple[str, str]], look: bool) -> None:
         """Delete an HPA or PDB that the spec no longer asks for.

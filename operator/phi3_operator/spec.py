@@ -101,9 +101,19 @@ FIELDS: tuple[Field, ...] = (
     Field("hardware.gpuResourceName", "string", DEFAULT_GPU_RESOURCE, crd_default=False),
     Field("image.policy", "string", "Auto", enum=("Auto", "Prebuilt", "Build")),
     Field("replicas", "integer", 1, minimum=0, maximum=1000),
-    Field("autoscaling.minReplicas", "integer", 1, minimum=1),
-    Field("autoscaling.maxReplicas", "integer", 4, minimum=1),
+    # RequestsPerReplica: requests in flight (running plus waiting) per pod, what an LLM's capacity is
+    # made of; Knative Serving's autoscaler scales on it, to and from zero. CPU: an HPA, never to zero.
+    Field("autoscaling.metric", "string", "RequestsPerReplica", enum=("RequestsPerReplica", "CPU")),
+    Field("autoscaling.minReplicas", "integer", 1, minimum=0, maximum=1000),
+    Field("autoscaling.maxReplicas", "integer", 4, minimum=1, maximum=1000),
+    # None: serving.maxBatchSize (a pod is full when its engine's batch is), else
+    # DEFAULT_TARGET_REQUESTS_PER_REPLICA.
+    Field("autoscaling.targetRequestsPerReplica", "integer", None, minimum=1, maximum=1000),
     Field("autoscaling.targetCPUUtilizationPercentage", "integer", 80, minimum=1, maximum=100),
+    # How long load must stay low before a replica goes (to zero too): a model takes a while to load again.
+    Field("autoscaling.scaleDownDelaySeconds", "integer", 300, minimum=0, maximum=3600),
+    # How long a request that arrives at zero replicas waits for a pod to be Ready before a 503.
+    Field("autoscaling.activationTimeoutSeconds", "integer", 300, minimum=10, maximum=600),
     Field("generation.maxTokens", "integer", 512, minimum=1, maximum=131072, env="PHI3_MAX_TOKENS"),
     Field("generation.temperature", "number", 0.2, minimum=0, maximum=2, env="PHI3_TEMPERATURE"),
     # top_p = 0 would keep no token at all: the runtime refuses it, so the CRD must too.
@@ -137,6 +147,9 @@ RULES: tuple[Rule, ...] = (
     Rule("autoscaling", "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
          "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
          lambda a: "minReplicas" not in a or "maxReplicas" not in a or a["minReplicas"] <= a["maxReplicas"]),
+    Rule("autoscaling", "!has(self.minReplicas) || self.minReplicas > 0 || !has(self.metric) || self.metric != 'CPU'",
+         "autoscaling.minReplicas: 0 needs metric RequestsPerReplica: an HPA on CPU cannot scale to zero",
+         lambda a: a.get("minReplicas", 1) > 0 or a.get("metric", "RequestsPerReplica") != "CPU"),
     Rule("disruptionBudget", "has(self.minAvailable) != has(self.maxUnavailable)",
          "disruptionBudget needs exactly one of minAvailable or maxUnavailable",
          lambda b: ("minAvailable" in b) != ("maxUnavailable" in b)),
@@ -177,11 +190,22 @@ class ImageSpec:
     push_secret: str = ""
 
 
+DEFAULT_TARGET_REQUESTS_PER_REPLICA = 8
+
+
 @dataclass(frozen=True)
 class Autoscaling:
+    metric: Literal["RequestsPerReplica", "CPU"] = "RequestsPerReplica"
     min_replicas: int = 1
     max_replicas: int = 4
+    target_requests_per_replica: int = DEFAULT_TARGET_REQUESTS_PER_REPLICA
     target_cpu_utilization: int = 80
+    scale_down_delay_s: int = 300
+    activation_timeout_s: int = 300
+
+    @property
+    def on_requests(self) -> bool:
+        return self.metric == "RequestsPerReplica"
 
 
 @dataclass(frozen=True)
@@ -305,11 +329,18 @@ def parse_spec(raw: Mapping[str, Any]) -> Phi3ModelSpec:
     )
 
     autoscaling = None
-    if raw.get("autoscaling"):
+    # `{}` is autoscaling with every default, as the API server fills it in.
+    if raw.get("autoscaling") is not None:
+        target = value_of(raw, "autoscaling.targetRequestsPerReplica")
         autoscaling = Autoscaling(
+            metric=value_of(raw, "autoscaling.metric"),
             min_replicas=value_of(raw, "autoscaling.minReplicas"),
             max_replicas=value_of(raw, "autoscaling.maxReplicas"),
+            target_requests_per_replica=(target or value_of(raw, "serving.maxBatchSize")
+                                         or DEFAULT_TARGET_REQUESTS_PER_REPLICA),
             target_cpu_utilization=value_of(raw, "autoscaling.targetCPUUtilizationPercentage"),
+            scale_down_delay_s=value_of(raw, "autoscaling.scaleDownDelaySeconds"),
+            activation_timeout_s=value_of(raw, "autoscaling.activationTimeoutSeconds"),
         )
         # With defaults filled in: minReplicas 6 alone is more than the default maxReplicas.
         if autoscaling.min_replicas > autoscaling.max_replicas:

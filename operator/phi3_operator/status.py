@@ -13,7 +13,10 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("ModelResolved", "ImageReady", "ModelDelivered", "Available", "Ready", "Reconciling", "Stalled")
+CONDITION_TYPES = ("ModelResolved", "ImageReady", "ModelDelivered", "Available", "ElasticServing", "Ready",
+                   "Reconciling", "Stalled")
+# Said, not judged: they explain how the model is served, but a model served otherwise is still Ready.
+ADVISORY_CONDITIONS = ("ElasticServing",)
 # What a pass learned before the Deployment: kept as they are when only the rollout moved.
 PRE_DEPLOYMENT_CONDITIONS = ("ModelResolved", "ImageReady", "ModelDelivered")
 
@@ -104,6 +107,11 @@ REASON_TABLE: tuple[Reason, ...] = (
     Reason("RuntimeCrashLoop", "Available", "terminal", "Failed",
            "the runtime container keeps exiting (the message quotes its last words): "
            "`kubectl logs deploy/<name> -c runtime --previous`"),
+    Reason("RevisionFailed", "Available", "terminal", "Failed",
+           "Knative Serving refused or could not run the model's Revision (the message quotes it): "
+           "`kubectl describe revision <name>`; the Revision that served before keeps serving"),
+    Reason("Knative", "ElasticServing", "ok", "Ready"),
+    Reason("KnativeMissing", "ElasticServing", "ok", "Ready"),
     Reason("Ready", "Ready", "ok", "Ready"),
     Reason("ReconcileError", "Ready", "transient", "Pending",
            "the reconcile raised an unexpected error (the message names it, e.g. a malformed MLflow answer); "
@@ -149,6 +157,8 @@ class ObservedState:
     delivery: Mapping[str, Any] = field(default_factory=dict)
     # The reconcile itself failed: Ready carries this instead of the conjunction of the others.
     failure: Condition | None = None
+    # Scaled to zero by its autoscaler, since then (RFC 3339).
+    idle_since: str = ""
 
 
 def now_rfc3339() -> str:
@@ -246,10 +256,47 @@ def deployment_available(deployment: Mapping[str, Any] | None) -> tuple[Conditio
     return in_progress, desired, ready
 
 
+def _condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any]:
+    conditions = (obj or {}).get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c.get("type") == type_), {})
+
+
+def revision_available(configuration: Mapping[str, Any] | None, revision: Mapping[str, Any] | None,
+                       ) -> tuple[Condition, int, int, str]:
+    """Available, (desired, ready) replicas and since when it idles ("" if it does not), read from the
+    Configuration's newest Revision (Knative Serving). A Revision at zero is Ready and not Active."""
+    if configuration is None:
+        return Condition("Available", "False", "DeploymentMissing", "The Configuration does not exist yet"), 0, 0, ""
+    current = configuration.get("status", {}).get("observedGeneration", 0) >= configuration.get(
+        "metadata", {}).get("generation", 0)
+    if not current or revision is None:
+        return Condition("Available", "False", "RolloutInProgress", "waiting for Knative to create the Revision"
+                         ), 0, 0, ""
+    status = revision.get("status", {})
+    desired, actual = int(status.get("desiredReplicas", 0) or 0), int(status.get("actualReplicas", 0) or 0)
+    name = revision["metadata"]["name"]
+    ready, active = _condition(revision, "Ready"), _condition(revision, "Active")
+    if ready.get("status") == "False":
+        message = f"Revision {name}: {ready.get('reason', '')}: {ready.get('message', '')}"
+        return Condition("Available", "False", "RevisionFailed", message), desired, actual, ""
+    if ready.get("status") != "True":
+        return Condition("Available", "False", "RolloutInProgress",
+                         f"Revision {name} is starting: {actual}/{max(desired, 1)} pods ready"), desired, actual, ""
+    if active.get("status") == "False" and actual == 0:
+        since = str(active.get("lastTransitionTime", ""))
+        return Condition("Available", "True", "ScaledToZero",
+                         f"Revision {name} is scaled to zero (no requests since {since or 'a while'}); the next "
+                         "request wakes it and is held until a pod is Ready"), 0, 0, since
+    return Condition("Available", "True", "MinimumReplicasAvailable",
+                     f"Revision {name}: {actual} pods ready"), desired, actual, ""
+
+
 def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) -> dict[str, Any]:
-    ready = observed.failure or ready_condition(observed.conditions)
-    judged = [*observed.conditions, ready]
-    conditions = [*judged, *kstatus_conditions(judged)]
+    advisory = [c for c in observed.conditions if c.type in ADVISORY_CONDITIONS]
+    served = [c for c in observed.conditions if c.type not in ADVISORY_CONDITIONS]
+    ready = observed.failure or ready_condition(served)
+    judged = [*served, ready]
+    conditions = [*served, *advisory, ready, *kstatus_conditions(judged)]
     status: dict[str, Any] = {
         "observedGeneration": observed.generation,
         "phase": phase_of(judged),
@@ -267,6 +314,8 @@ def build_status(current: Mapping[str, Any], observed: ObservedState, now: str) 
         status["endpoint"] = dict(observed.endpoint)
     if observed.delivery:
         status["delivery"] = dict(observed.delivery)
+    if observed.idle_since:
+        status["idleSince"] = observed.idle_since
     return status
 
 
@@ -277,7 +326,7 @@ def failure_status(current: Mapping[str, Any], generation: int, failure: Conditi
     kept = [
         Condition(c["type"], c["status"], c.get("reason", ""), c.get("message", ""))
         for c in current.get("conditions", [])
-        if c.get("type") in (*PRE_DEPLOYMENT_CONDITIONS, "Available")
+        if c.get("type") in (*PRE_DEPLOYMENT_CONDITIONS, "Available", *ADVISORY_CONDITIONS)
     ]
     observed = ObservedState(
         generation=generation,
@@ -289,6 +338,7 @@ def failure_status(current: Mapping[str, Any], generation: int, failure: Conditi
         ready_replicas=int(current.get("readyReplicas", 0)),
         delivery=current.get("delivery") or {},
         failure=failure,
+        idle_since=str(current.get("idleSince", "")),
     )
     return build_status(current, observed, now)
 
@@ -298,8 +348,10 @@ def status_changed(current: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return any(current.get(key) != value for key, value in new.items())
 
 
-def endpoint_urls(name: str, namespace: str, port: int, api_key_secret: str | None = None) -> dict[str, str]:
-    base = f"http://{name}.{namespace}.svc:{port}"
+def endpoint_urls(name: str, namespace: str, port: int, api_key_secret: str | None = None, base: str = ""
+                  ) -> dict[str, str]:
+    """The model's URLs, at its Service (`base` where something else serves it: a Knative Revision)."""
+    base = base or f"http://{name}.{namespace}.svc:{port}"
     urls = {
         "url": base,
         "chatCompletions": f"{base}/v1/chat/completions",

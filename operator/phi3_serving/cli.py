@@ -115,8 +115,19 @@ def _package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_while_starting(signum: int, frame: object) -> None:
+    # Before MLServer installs its own handlers (after the model has loaded), SIGTERM would be dropped
+    # when the runtime is the container's PID 1, which has no default action: a pod scaled down while
+    # loading then waited out its whole grace period. Nothing is served yet, so there is nothing to drain.
+    os._exit(128 + signum)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     from phi3_serving.serve import ServeOptions, default_model_name, serve
+
+    signal.signal(signal.SIGTERM, _exit_while_starting)
 
     options = ServeOptions(
         model_uri=args.model_uri,

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 RUNTIME_IMPLEMENTATION = "phi3_serving.runtime.Phi3Runtime"
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
+# uvicorn closes an idle keep-alive connection after 5 s; the proxies in front (Knative's queue proxy and
+# activator, Envoy, nginx) keep theirs for 60-90 s, and one that sends on a connection the runtime is
+# closing gets a reset: a 502 for the client. The runtime must be the side that waits longer.
+HTTP_KEEP_ALIVE_S = 120
 # The operator reads this from the container's last words (podhealth.MODEL_LOAD_FAILED_MARKER).
 LOAD_FAILED_PREFIX = "phi3-operator serve: the model failed to load: "
 
@@ -162,6 +166,8 @@ def serve(options: ServeOptions) -> int:
 
     async def run() -> None:
         settings, models_settings = await load_settings(str(workdir))
+        # MLServer passes these to uvicorn.Config as they are; it has no public setting for the keep-alive.
+        settings._custom_rest_server_settings = {"timeout_keep_alive": HTTP_KEEP_ALIVE_S}
         server = MLServer(settings)
         install_guard(server, guard)
         await server.start(models_settings)

@@ -47,8 +47,10 @@ def rules_of(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 EXPECTED_NAMESPACED_RULES = {
     ("phi3.ai", "phi3models"): {"get", "list", "watch"},
     ("phi3.ai", "phi3models/status"): {"get", "patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
-    ("", "services"): {"get", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "create", "patch", "delete"},
+    ("serving.knative.dev", "configurations"): {"get", "create", "patch", "delete"},
+    ("serving.knative.dev", "revisions"): {"get"},
     ("", "pods"): {"list"},
     ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},

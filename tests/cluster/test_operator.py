@@ -263,6 +263,9 @@ BAD_SPECS = [
     ({"model": {"uri": "models:/no-version"}}, "model.uri must be models:/NAME/VERSION"),
     ({"replicas": -1}, "should be greater than or equal to 0"),
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas must be less than or equal to"),
+    ({"autoscaling": {"targetRequestsPerReplica": 0}}, "should be greater than or equal to 1"),
+    ({"autoscaling": {"minReplicas": 0, "metric": "CPU"}}, "minReplicas: 0 needs metric RequestsPerReplica"),
+    ({"autoscaling": {"metric": "GPU"}}, 'Unsupported value: "GPU"'),
     ({"image": {"policy": "Sometimes"}}, 'Unsupported value: "Sometimes"'),
     ({"disruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}, "exactly one of minAvailable or maxUnavailable"),
     ({"service": {"port": 70000}}, "should be less than or equal to 65535"),
@@ -291,6 +294,20 @@ def test_missing_field_is_rejected(crd: Cluster, namespace: str) -> None:
     result = crd.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest), check=False)
     assert result.returncode != 0
     assert "spec.hardware: Required value" in result.stderr
+
+
+def test_scale_to_zero_without_knative_is_a_condition_and_the_hpa_serves(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, pyfunc_model_uri: str
+) -> None:
+    manifest = example("phi3-cpu.yaml", pyfunc_model_uri)
+    manifest["spec"]["autoscaling"] = {"minReplicas": 0, "maxReplicas": 3}
+    cluster.apply(manifest, namespace)
+    obj = wait_ready(cluster, namespace, "phi3-mini")
+    elastic = condition(obj, "ElasticServing")
+    assert (elastic["status"], elastic["reason"]) == ("False", "KnativeMissing"), elastic
+    assert "need Knative Serving" in elastic["message"]
+    hpa = cluster.get("hpa", "phi3-mini", namespace)
+    assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 3
 
 
 def test_unreachable_mlflow_is_a_condition_not_a_crash(

@@ -301,3 +301,23 @@ def test_llm_metrics_are_exported(served: Served) -> None:
         assert f'{name}{{model="{served.name}"' in text or f"{name}{{" in text, name
     assert metric(served, "phi3_prompt_tokens_total") > 0
     assert metric(served, "phi3_time_to_first_token_seconds_count") > 0
+
+
+def test_an_idle_keep_alive_connection_outlives_uvicorns_default(served: Served) -> None:
+    """A proxy in front (Knative's queue proxy, Envoy, nginx) reuses an idle connection for up to 60-90 s:
+    the runtime must not close it first (uvicorn's default 5 s made a proxy's next request a 502)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", served.process.http_port, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        first = connection.getresponse()
+        first.read()
+        assert first.status == 200
+        time.sleep(7)  # past uvicorn's 5 s
+        connection.request("GET", "/v2/health/ready")  # the same socket: it raises if the runtime closed it
+        again = connection.getresponse()
+        again.read()
+        assert again.status == 200
+    finally:
+        connection.close()

@@ -90,6 +90,9 @@ class ServedProcess:
     model_name: str
     log_path: Path
     env: Mapping[str, str] | None = None
+    # As in a container: the runtime is PID 1 of its own PID namespace, where a signal it has no handler
+    # for is dropped (the kernel gives PID 1 no default actions), so a missing handler shows.
+    as_pid_1: bool = False
 
     def __post_init__(self) -> None:
         self.http_port, self.grpc_port, self.metrics_port = distinct_free_ports(3)
@@ -99,8 +102,9 @@ class ServedProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 180) -> ServedProcess:
+    def start(self, timeout: float = 180, wait_ready: bool = True) -> ServedProcess:
         command = [
+            *(("unshare", "--pid", "--fork", "--kill-child") if self.as_pid_1 else ()),
             *phi3_command(),
             "serve",
             "--model-uri",
@@ -125,6 +129,8 @@ class ServedProcess:
                 cwd=REPO_ROOT,
                 start_new_session=True,
             )
+        if not wait_ready:
+            return self
         try:
             wait_until(self._ready, timeout=timeout, interval=0.25, message=f"{self.model_name} to be ready")
         except Exception:
@@ -152,10 +158,27 @@ class ServedProcess:
 
     @property
     def pid(self) -> int:
-        """The serving process itself: the CLI runs MLServer in-process, with no workers."""
+        """The serving process itself: the CLI runs MLServer in-process, with no workers (as PID 1: the
+        child `unshare` forked into the new namespace)."""
         if self._process is None:
             raise RuntimeError(f"{self.model_name} is not running")
-        return self._process.pid
+        if not self.as_pid_1:
+            return self._process.pid
+        children = Path(f"/proc/{self._process.pid}/task/{self._process.pid}/children")
+        found: list[int] = []
+        wait_until(lambda: found.extend(int(p) for p in children.read_text().split()) or found, timeout=30,
+                   interval=0.05, message="unshare's child")
+        return found[0]
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, as a container runtime reports it (128 + N for death by signal N)."""
+        if self._process is None:
+            raise RuntimeError(f"{self.model_name} is not running")
+        code = self._process.wait(timeout=timeout)
+        return 128 - code if code < 0 else code
 
     def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
         url = f"http://127.0.0.1:{port or self.http_port}{path}"

@@ -385,3 +385,67 @@ def test_an_api_error_outside_a_pass_is_a_retry_not_a_crash(reconciler: Reconcil
     api.refuse[("GET", MODEL_PATH)] = KubeError(503, "ServiceUnavailable", "etcd is restarting")
     with pytest.raises(Retry, match="503"):
         reconciler.handle((NS, NAME), ModelChanged())
+
+
+# --------------------------------------------------------------------------- elastic serving (Knative)
+
+CONFIGURATION_PATH = f"/apis/serving.knative.dev/v1/namespaces/{NS}/configurations/{NAME}"
+KNATIVE_DISCOVERY = "/apis/serving.knative.dev/v1"
+
+
+def revision(ready: str, active: str, actual: int, since: str = "2026-12-04T03:00:00Z") -> dict[str, Any]:
+    return {"metadata": {"name": "phi3-00001"},
+            "status": {"actualReplicas": actual, "desiredReplicas": actual,
+                       "conditions": [{"type": "Ready", "status": ready, "reason": "X", "message": "why"},
+                                      {"type": "Active", "status": active, "lastTransitionTime": since}]}}
+
+
+def test_with_knative_the_model_is_a_configuration(reconciler: Reconciler, api: FakeApiServer) -> None:
+    api.objects[KNATIVE_DISCOVERY] = {"resources": [{"kind": "Configuration"}, {"kind": "Revision"}]}
+    create_model(api, autoscaling={"minReplicas": 0, "maxReplicas": 3})
+    assert reconcile(reconciler, api) is not None, "a Knative model is looked at again: its scale is not watched"
+    assert CONFIGURATION_PATH in api.objects and DEPLOYMENT_PATH not in api.objects
+    assert condition(api, "ElasticServing")["reason"] == "Knative"
+    assert condition(api, "ModelDelivered")["reason"] == "PerPodDownload"
+    # Knative makes the Revision; it idles at zero.
+    configuration = api.objects[CONFIGURATION_PATH]
+    configuration["status"] = {"observedGeneration": 1, "latestCreatedRevisionName": "phi3-00001"}
+    api.objects[f"{KNATIVE_DISCOVERY}/namespaces/{NS}/revisions/phi3-00001"] = revision("True", "False", 0)
+    reconcile(reconciler, api)
+    assert condition(api, "Available")["reason"] == "ScaledToZero" and status(api)["phase"] == "Ready"
+    assert status(api)["idleSince"] == "2026-12-04T03:00:00Z"
+    assert status(api)["endpoint"]["url"] == f"http://phi3-00001.{NS}.svc"
+
+
+def test_without_knative_requests_per_replica_falls_back_to_the_hpa_and_says_so(
+    reconciler: Reconciler, api: FakeApiServer
+) -> None:
+    create_model(api, autoscaling={"minReplicas": 0})
+    assert reconcile(reconciler, api) is None
+    assert DEPLOYMENT_PATH in api.objects and HPA_PATH in api.objects
+    elastic = condition(api, "ElasticServing")
+    assert (elastic["status"], elastic["reason"]) == ("False", "KnativeMissing")
+    assert "need Knative Serving" in elastic["message"]
+    api.roll_out()
+    reconcile(reconciler, api)
+    assert condition(api, "Ready")["status"] == "True", "an advisory condition does not hold Ready back"
+
+
+def test_a_model_switched_to_knative_drops_its_deployment_once_the_revision_serves(
+    reconciler: Reconciler, api: FakeApiServer
+) -> None:
+    create_model(api, autoscaling={"metric": "CPU"})
+    reconcile(reconciler, api)
+    api.roll_out()
+    api.objects[KNATIVE_DISCOVERY] = {"resources": [{"kind": "Configuration"}]}
+    reconciler._knative_seen.clear()  # installed since: the operator asks again within a minute
+    model = api.objects[MODEL_PATH]
+    model["spec"]["autoscaling"] = {"metric": "RequestsPerReplica"}
+    model["metadata"]["generation"] += 1
+    reconcile(reconciler, api)
+    assert DEPLOYMENT_PATH in api.objects, "the Deployment serves until the Revision does"
+    api.objects[CONFIGURATION_PATH]["status"] = {"observedGeneration": 1, "latestCreatedRevisionName": "phi3-00001"}
+    api.objects[f"{KNATIVE_DISCOVERY}/namespaces/{NS}/revisions/phi3-00001"] = copy.deepcopy(
+        revision("True", "True", 1))
+    reconcile(reconciler, api)
+    assert DEPLOYMENT_PATH not in api.objects and HPA_PATH not in api.objects

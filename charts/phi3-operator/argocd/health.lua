@@ -28,6 +28,7 @@ local TERMINAL_REASONS = {
   ModelLoadFailed = true,
   ApiKeysUnavailable = true,
   RuntimeCrashLoop = true,
+  RevisionFailed = true,
 }
 
 if obj.status == nil then

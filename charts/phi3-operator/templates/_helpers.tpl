@@ -83,14 +83,22 @@ reconcile.py, handlers.py) plus what kopf needs for the watched resource. */}}
   resources: ["phi3models/status"]
   verbs: ["get", "patch"]
 # Children: server-side apply (PATCH) after a GET; an apply that creates an object needs create.
-# kopf watches Deployments for rollout progress. No delete: children go with their owner
-# references through the garbage collector.
+# kopf watches Deployments for rollout progress. Delete: a model that Knative Serving comes to serve
+# (autoscaling on requests) drops its Deployment and Service once its Revision is available, and back.
+# Otherwise children go with their owner references through the garbage collector.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "create", "patch", "delete"]
+# Elastic serving: a Knative Configuration per model, and its newest Revision's status.
+- apiGroups: ["serving.knative.dev"]
+  resources: ["configurations"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["serving.knative.dev"]
+  resources: ["revisions"]
+  verbs: ["get"]
 # A model whose pods do not become ready: their status says why (OOMKilled, fetch failed, image pull).
 - apiGroups: [""]
   resources: ["pods"]

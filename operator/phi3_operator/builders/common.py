@@ -40,6 +40,14 @@ class BuildContext:
     model_size_bytes: int = 0  # 0: unknown
     # NetworkPolicy peers (`from` entries) that may scrape the metrics port: the operator's config.monitoring.
     monitoring_peers: tuple[Mapping[str, Any], ...] = ()
+    # The cluster serves Knative Serving's API: autoscaling on requests (and to zero) goes through it.
+    knative: bool = False
+
+    @property
+    def elastic(self) -> bool:
+        """Served as a Knative Configuration: autoscaling on requests in flight where Knative is installed."""
+        autoscaling = self.spec.autoscaling
+        return self.knative and autoscaling is not None and autoscaling.on_requests
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:

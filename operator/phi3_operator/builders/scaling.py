@@ -16,7 +16,8 @@ def build_hpa(ctx: BuildContext) -> Manifest:
         "metadata": metadata(ctx.owner),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ctx.owner.name},
-            "minReplicas": autoscaling.min_replicas,
+            # minReplicas 0 without Knative: an HPA cannot go below one (the status says why).
+            "minReplicas": max(1, autoscaling.min_replicas),
             "maxReplicas": autoscaling.max_replicas,
             "metrics": [
                 {
@@ -27,6 +28,7 @@ def build_hpa(ctx: BuildContext) -> Manifest:
                     },
                 }
             ],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": autoscaling.scale_down_delay_s}},
         },
     }
 
