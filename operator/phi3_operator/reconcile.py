@@ -704,6 +704,16 @@ class _Pass:
             return None
         return self.r.api.get(ObjectKey(KNATIVE_API_VERSION, "Revision", self.owner.namespace, name))
 
+    def delete_owned(self, api_version: str, kind: str, why: str) -> None:
+        """Delete the model's child of this kind if it exists and this model owns it."""
+        key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
+        existing = self.r.api.get(key)
+        if existing is not None and any(
+            ref.get("uid") == self.owner.uid for ref in existing["metadata"].get("ownerReferences", [])
+        ):
+            self.r.api.delete(key)
+            self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: {why}")
+
     def prune_serving_children(self, wanted: set[tuple[str, str]]) -> None:
         """Once one way of serving is available, the other's children go (a switch of
         autoscaling.metric, or Knative installed or removed). Looked for once per object and process."""
@@ -712,13 +722,7 @@ class _Pass:
         for api_version, kind in SERVING_CHILDREN:
             if (api_version, kind) in wanted or (kind == "Configuration" and not self.r.knative_installed()):
                 continue
-            key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
-            existing = self.r.api.get(key)
-            if existing is not None and any(
-                ref.get("uid") == self.owner.uid for ref in existing["metadata"].get("ownerReferences", [])
-            ):
-                self.r.api.delete(key)
-                self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: the model is served another way")
+            self.delete_owned(api_version, kind, "the model is served another way")
         self.r._serving_pruned[self.owner.uid] = frozenset(wanted)
 
     def prune_optional_children(self, wanted: set[tuple[str, str]], look: bool) -> None:
@@ -734,13 +738,7 @@ class _Pass:
             known = (self.owner.uid, kind) in self.r._optional_children
             if not known and (not look or self.owner.uid in self.r._pruned):
                 continue
-            key = ObjectKey(api_version, kind, self.owner.namespace, self.owner.name)
-            existing = self.r.api.get(key)
-            if existing is not None and any(
-                ref.get("uid") == self.owner.uid for ref in existing["metadata"].get("ownerReferences", [])
-            ):
-                self.r.api.delete(key)
-                self.event("Normal", "Deleted", f"deleted {kind} {self.owner.name}: the spec no longer asks for it")
+            self.delete_owned(api_version, kind, "the spec no longer asks for it")
             self.r._optional_children.discard((self.owner.uid, kind))
         self.r._pruned.add(self.owner.uid)
 

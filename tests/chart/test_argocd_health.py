@@ -106,3 +106,16 @@ def test_statuses_the_operator_writes_read_as_the_reason_table_says(lua: str, re
                                                                                          "why")]), "t")
     expected = "Degraded" if reason.kind == "terminal" else "Progressing"  # type: ignore[attr-defined]
     assert argocd_health(lua, obj) == (expected, "why")
+
+
+def test_a_model_scaled_to_zero_by_design_is_healthy(lua: str) -> None:
+    """Elastic serving at zero replicas: what the operator writes (Available ScaledToZero, and the advisory
+    ElasticServing) reads Healthy, not Progressing."""
+    conditions = [Condition("ModelResolved", "True", "Resolved", ""), Condition("ImageReady", "True", "Catalog", ""),
+                  Condition("Available", "True", "ScaledToZero", "Revision m-00001 is scaled to zero"),
+                  Condition("ElasticServing", "True", "Knative", "Knative Serving scales it")]
+    status = build_status({}, ObservedState(generation=2, conditions=conditions, idle_since="2026-12-04T03:00:00Z"),
+                          "2026-12-04T03:00:00Z")
+    obj = {"apiVersion": "phi3.ai/v1alpha1", "kind": "Phi3Model", "metadata": {"name": "m", "generation": 2},
+           "status": status}
+    assert argocd_health(lua, obj) == ("Healthy", "The model is served and all replicas are ready")

@@ -82,6 +82,14 @@ def test_kstatus_reads_a_served_model_as_current_and_a_stale_one_as_in_progress(
     assert [s for s, _ in compute(kstatus, [model(served), stale])] == ["Current", "InProgress"]
 
 
+def test_kstatus_reads_a_model_scaled_to_zero_by_design_as_current(kstatus: Path) -> None:
+    conditions = [Condition("ModelResolved", "True", "Resolved", ""), Condition("ImageReady", "True", "Catalog", ""),
+                  Condition("Available", "True", "ScaledToZero", "Revision m-00001 is scaled to zero"),
+                  Condition("ElasticServing", "True", "Knative", "Knative Serving scales it")]
+    idle = build_status({}, ObservedState(generation=2, conditions=conditions, idle_since="t"), "t")
+    assert [s for s, _ in compute(kstatus, [model(idle)])] == ["Current"]
+
+
 def test_a_model_no_operator_has_reconciled_is_not_current(
     kstatus: Path, crd: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
