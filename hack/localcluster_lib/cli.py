@@ -14,6 +14,12 @@ version, so only the first `build` is slow.
     hack/localcluster which X  path of a cached binary (kubectl, helm, etcd, toxiproxy-server, ...)
     hack/localcluster build-buildkit   build and cache buildkitd, buildctl, rootlesskit; prints their folder
     hack/localcluster build-prometheus build and cache prometheus; prints its folder
+    hack/localcluster build-knative    build and cache Knative Serving's controller, webhook, activator,
+                               autoscaler and queue; prints their folder
+    hack/localcluster knative up|down  install Knative Serving on the real node (built, packaged with `hack/images
+                               build knative-serving` and pushed when first asked for): Revisions of a
+                               Configuration scale to and from zero, no Route or ingress; `down` removes it
+                               (`down` of the cluster drops it with the cluster)
     hack/localcluster firewall up|down enforce NetworkPolicies on the real node (kube-router as a firewall
                                only, beside kube-proxy; built and cached when first asked for); `down` removes
                                its rules and sets back what it changed (`down` of the cluster does too)
@@ -32,6 +38,7 @@ from pathlib import Path
 
 from .addons.buildkit import build_buildkit
 from .addons.firewall import cmd_firewall_down, cmd_firewall_up
+from .addons.knative import build_knative, cmd_knative_down, cmd_knative_up, knative_cluster_down
 from .addons.prometheus import build_prometheus
 from .addons.toxiproxy import build_toxiproxy
 from .build import binaries_built, binary, build_cluster_binaries, build_pause, kwok_stages_file, write_kwok_stages
@@ -105,6 +112,7 @@ def cmd_up() -> None:
 
 
 def cmd_down() -> None:
+    knative_cluster_down()
     cmd_firewall_down()
     if real_node_enabled():
         node_down()
@@ -163,6 +171,10 @@ def main(argv: list[str]) -> int:
         print(build_buildkit())
     elif command == "build-prometheus":
         print(build_prometheus())
+    elif command == "build-knative":
+        print(build_knative())
+    elif command == "knative" and rest in (["up"], ["down"]):
+        cmd_knative_up() if rest == ["up"] else cmd_knative_down()
     elif command == "firewall" and rest in (["up"], ["down"]):
         cmd_firewall_up() if rest == ["up"] else cmd_firewall_down()
     elif command == "which" and len(rest) == 1 and rest[0] in {**BINARIES, **NODE_BINARIES, **TEST_BINARIES}:

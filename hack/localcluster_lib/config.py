@@ -38,6 +38,9 @@ KUBE_ROUTER_NETLINK = "v1.3.1"
 # only when asked for (`build-prometheus`; `hack/images build prometheus` packages it). Without the
 # `builtinassets` tag, which needs the web UI prebuilt with npm: the UI is not what the tests use.
 PROMETHEUS_VERSION = "v0.316.0"
+# Knative Serving, built only when asked for (`build-knative`; `knative up` packages it with `hack/images build
+# knative-serving` and installs it on the real node): Revisions that scale to and from zero, no Route or ingress.
+KNATIVE_SERVING_VERSION = "v0.50.0"
 
 CACHE_DIR = Path(os.environ.get("PHI3_CACHE_DIR", Path.home() / ".cache" / "phi3-operator"))
 STATE_DIR = Path(os.environ.get("PHI3_LOCALCLUSTER_DIR", CACHE_DIR / "localcluster"))
@@ -119,6 +122,7 @@ TOXIPROXY_BIN_DIR = CACHE_DIR / f"toxiproxy-{TOXIPROXY_VERSION}"
 BUILDKIT_BIN_DIR = CACHE_DIR / f"buildkit-{BUILDKIT_VERSION}-rootlesskit-{ROOTLESSKIT_VERSION}"
 KUBE_ROUTER_DIR = CACHE_DIR / f"kube-router-{KUBE_ROUTER_VERSION}-netlink-{KUBE_ROUTER_NETLINK}"
 PROMETHEUS_DIR = CACHE_DIR / f"prometheus-{PROMETHEUS_VERSION}"
+KNATIVE_SERVING_DIR = CACHE_DIR / f"knative-serving-{KNATIVE_SERVING_VERSION}"
 BIN_DIRS = (CLUSTER_BIN_DIR,)
 NODE_BIN_DIRS = (PAUSE_DIR,)
 
