@@ -255,7 +255,11 @@ def test_transformers_rejects_structured_output_clearly(served: Served) -> None:
 
 @pytest.mark.parametrize("served", ["onnx"], indirect=True)
 def test_dropped_streams_leave_the_engine_idle(served: Served) -> None:
-    """Eight streams opened and dropped: none keeps the engine busy a second later."""
+    """Eight streams opened and dropped: the engine stops them, rather than running each to its 900 tokens.
+
+    Judged by what happened once the engine is idle again (the tokens it generated, the requests it
+    cancelled), not by how fast it got there: on a loaded CI machine noticing eight disconnects took
+    longer than the one second this test once allowed."""
     sdk = client(served)
     cancelled_before = metric(served, "phi3_requests_finished_total", 'finish_reason="cancelled"')
     generated_before = metric(served, "phi3_generation_tokens_total")
@@ -273,7 +277,7 @@ def test_dropped_streams_leave_the_engine_idle(served: Served) -> None:
     assert metric(served, "phi3_requests_running") + metric(served, "phi3_requests_waiting") > 0
     for stream in streams:
         stream.close()
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         if metric(served, "phi3_requests_running") == 0 and metric(served, "phi3_requests_waiting") == 0:
             break
