@@ -491,15 +491,17 @@ class _Pass:
             monitoring_peers=self.r.settings.monitoring_peers,
             knative=elastic,
         )
-        serving = self.apply_children(ctx)
+        serving, children = self.apply_children(ctx)
         api_key_secret = spec.auth.api_key_secret if spec.auth else None
         idle_since = ""
         if ctx.elastic:
             revision = self.newest_revision(serving)
             available, replicas, ready, idle_since = revision_available(serving, revision)
+            # The Revision that answers now; a new one's URL once it is Ready.
+            answering = (serving or {}).get("status", {}).get("latestReadyRevisionName") or (
+                revision["metadata"]["name"] if revision else "")
             endpoint = endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port, api_key_secret,
-                                     revision_url(revision["metadata"]["name"], self.owner.namespace)
-                                     ) if revision else {}
+                                     revision_url(answering, self.owner.namespace)) if answering else {}
         else:
             available, replicas, ready = self.r.serving_condition(serving)
             endpoint = endpoint_urls(self.owner.name, self.owner.namespace, spec.service.port, api_key_secret)
@@ -507,7 +509,7 @@ class _Pass:
                                          keep_start(delivery, self.current_status.get("delivery") or {}))
         conditions.append(available)
         if available.status == "True":
-            self.prune_serving_children({(m["apiVersion"], m["kind"]) for m in build_children(ctx)})
+            self.prune_serving_children(children)
         if spec.autoscaling is not None and spec.autoscaling.on_requests:
             conditions.append(elastic_condition(spec, ctx.elastic))
         self.write_status(
@@ -676,7 +678,8 @@ class _Pass:
         # A running build is polled (a planned wait); a failed one waits for a person.
         return Outcome(requeue_after=retry_after, message=failing.message)
 
-    def apply_children(self, ctx: BuildContext) -> dict[str, Any] | None:
+    def apply_children(self, ctx: BuildContext) -> tuple[dict[str, Any] | None, set[tuple[str, str]]]:
+        """(the live child that serves, a Deployment or a Configuration; the kinds applied)."""
         deployment: dict[str, Any] | None = None
         deployment_was_new = False
         applied = []
@@ -693,8 +696,9 @@ class _Pass:
                 deployment, deployment_was_new = live, change == "created"
         if applied:
             self.event("Normal", "Applied", "; ".join(applied))
-        self.prune_optional_children({(m["apiVersion"], m["kind"]) for m in desired}, look=not deployment_was_new)
-        return deployment
+        kinds = {(m["apiVersion"], m["kind"]) for m in desired}
+        self.prune_optional_children(kinds, look=not deployment_was_new)
+        return deployment, kinds
 
     def newest_revision(self, configuration: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """The Configuration's newest Revision, once Knative has made one for its current generation."""
