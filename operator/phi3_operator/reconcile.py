@@ -178,7 +178,15 @@ class Reconciler:
     def knative_installed(self) -> bool:
         now = time.monotonic()
         if not self._knative_seen or now - self._knative_seen[0][0] > KNATIVE_RECHECK_S:
-            self._knative_seen[:] = [(now, self.api.serves(KNATIVE_API_VERSION, "Configuration"))]
+            try:
+                self._knative_seen[:] = [(now, self.api.serves(KNATIVE_API_VERSION, "Configuration"))]
+            except KubeError:
+                # A failed discovery read must not flip a model between Knative and a Deployment: keep
+                # the last answer (and raise, for a retry, when there is none yet).
+                if not self._knative_seen:
+                    raise
+                logger.warning("could not ask whether Knative Serving is installed; still assuming %s",
+                               self._knative_seen[0][1])
         return self._knative_seen[0][1]
 
     def forget(self, uid: str) -> None:

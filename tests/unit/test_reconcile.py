@@ -449,3 +449,14 @@ def test_a_model_switched_to_knative_drops_its_deployment_once_the_revision_serv
         revision("True", "True", 1))
     reconcile(reconciler, api)
     assert DEPLOYMENT_PATH not in api.objects and HPA_PATH not in api.objects
+
+
+def test_a_failed_discovery_read_keeps_the_last_answer(reconciler: Reconciler, api: FakeApiServer) -> None:
+    api.objects[KNATIVE_DISCOVERY] = {"resources": [{"kind": "Configuration"}]}
+    assert reconciler.knative_installed()
+    api.refuse[("GET", KNATIVE_DISCOVERY)] = KubeError(503, "ServiceUnavailable", "etcd is slow")
+    reconciler._knative_seen[0] = (0.0, True)  # the answer is old: the next call asks again
+    assert reconciler.knative_installed(), "an outage of discovery does not move a Knative model to a Deployment"
+    reconciler._knative_seen.clear()
+    with pytest.raises(KubeError):
+        reconciler.knative_installed()
