@@ -510,6 +510,9 @@ def _parse_prompt(raw: Any) -> str:
         raise InvalidRequestError("'prompt' must be a string", param="prompt")
     if not raw:
         raise InvalidRequestError("'prompt' must not be empty", param="prompt")
+    if "\x00" in raw:
+        # The engines' tokenizers take C strings: a NUL would cut the prompt short (to nothing, a 500).
+        raise InvalidRequestError("'prompt' must not contain NUL characters", param="prompt")
     return raw
 
 

@@ -82,6 +82,8 @@ def test_text_content_parts_are_joined() -> None:
         ({"messages": USER_HI, "prompt": "x"}, "either 'messages' or 'prompt'", "messages"),
         ({}, "needs 'messages'", "messages"),
         ({"prompt": ""}, "'prompt' must not be empty", "prompt"),
+        ({"prompt": "\u0000"}, "must not contain NUL", "prompt"),
+        ({"prompt": "a\u0000b"}, "must not contain NUL", "prompt"),
     ],
 )
 def test_invalid_requests_name_the_problem(payload: dict[str, Any], message: str, param: str) -> None:
