@@ -112,7 +112,8 @@ FIELDS: tuple[Field, ...] = (
     Field("autoscaling.targetCPUUtilizationPercentage", "integer", 80, minimum=1, maximum=100),
     # How long load must stay low before a replica goes (to zero too): a model takes a while to load again.
     Field("autoscaling.scaleDownDelaySeconds", "integer", 300, minimum=0, maximum=3600),
-    # How long a request that arrives at zero replicas waits for a pod to be Ready before a 503.
+    # How long a request that arrives at zero replicas waits for a pod to be Ready (and its answer to start)
+    # before Knative's activator answers 504.
     Field("autoscaling.activationTimeoutSeconds", "integer", 300, minimum=10, maximum=600),
     Field("generation.maxTokens", "integer", 512, minimum=1, maximum=131072, env="PHI3_MAX_TOKENS"),
     Field("generation.temperature", "number", 0.2, minimum=0, maximum=2, env="PHI3_TEMPERATURE"),

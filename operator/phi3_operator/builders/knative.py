@@ -67,8 +67,8 @@ def build_configuration(ctx: BuildContext) -> Manifest:
     pod.pop("terminationGracePeriodSeconds", None)
     pod["containers"] = [_revision_container(c) for c in pod["containers"]]
     pod["timeoutSeconds"] = REQUEST_TIMEOUT_S
-    # Past it, the activator answers a held request 503: the wait for a pod to be Ready and the answer
-    # to begin are what it bounds.
+    # Past it, the activator answers a held request 504 ("activator request timeout"): the wait for a pod
+    # to be Ready and for the answer to begin are what it bounds; REQUEST_TIMEOUT_S bounds the whole stream.
     pod["responseStartTimeoutSeconds"] = autoscaling.activation_timeout_s
     template["metadata"]["annotations"] = {**template["metadata"].get("annotations", {}),
                                            **revision_annotations(ctx)}
